@@ -1,0 +1,181 @@
+"""The Call (one client request as it moves through the stages) and the Reply that comes back."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+
+from proxy.params import GatewayParams
+
+
+class Prices(msgspec.Struct, frozen=True):
+    """USD per 1M tokens."""
+
+    input: float = 0.0
+    output: float = 0.0
+    cached_input: float | None = None  # defaults to `input` when absent
+
+    def cost(self, usage: Usage) -> float:
+        cached = usage.cached_tokens
+        cached_price = self.input if self.cached_input is None else self.cached_input
+        uncached = max(usage.prompt_tokens - cached, 0)
+        return (uncached * self.input + cached * cached_price + usage.completion_tokens * self.output) / 1e6
+
+
+class Target(msgspec.Struct, kw_only=True):
+    """Where one attempt goes: a provider, an upstream model and the credential to use."""
+
+    provider: str  # provider id, e.g. "openai"
+    protocol: str  # wire protocol module, e.g. "openai" or "demo"
+    model: str  # model name the upstream expects
+    base_url: str = ""
+    api_key: str | None = None  # secret: never logged, never put in an error
+    deployment: str | None = None  # name of the credential/deployment that serves
+    custom_credential: bool = False
+    prices: Prices | None = None
+    timeout: float | None = None  # seconds; None: the provider's own
+    extra_headers: dict[str, str] | None = None
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the provider's prompt cache
+    cache_creation_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> Usage:
+        """From an OpenAI `usage` object, with the cache counters of spec 2.1.2 where present."""
+        if not isinstance(usage, dict):
+            return cls()
+        details = usage.get("prompt_tokens_details")
+        details = details if isinstance(details, dict) else {}
+        return cls(
+            prompt_tokens=_int(usage.get("prompt_tokens")),
+            completion_tokens=_int(usage.get("completion_tokens")),
+            cached_tokens=_int(details.get("cached_tokens") or usage.get("cache_read_input_tokens")),
+            cache_creation_tokens=_int(details.get("cache_creation_tokens") or usage.get("cache_creation_input_tokens")),
+        )
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+class KeyInfo(msgspec.Struct, frozen=True):
+    """Who called: set by the auth stage."""
+
+    name: str
+    environment: str = "production"  # test | production
+
+
+def new_id() -> str:
+    return os.urandom(16).hex()
+
+
+class Call:
+    """One client request. Stages read and write it; the core logs it when it finishes."""
+
+    __slots__ = (
+        "id",
+        "request_id",
+        "endpoint",
+        "path",
+        "client_format",
+        "body",
+        "params",
+        "headers",
+        "client_ip",
+        "model",
+        "stream",
+        "client_wants_usage",
+        "started",
+        "started_at",
+        "key",
+        "target",
+        "plan",
+        "usage",
+        "cost",
+        "ttft",
+        "upstream_time",
+        "routing_time",
+        "status_code",
+        "error",
+        "response_model",
+        "completion",
+        "finish_hooks",
+        "state",
+    )
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        path: str,
+        body: dict[str, Any],
+        params: GatewayParams,
+        headers: Any,
+        client_ip: str | None = None,
+        client_format: str = "openai",
+    ) -> None:
+        self.id = new_id()  # unique_id of the log, sent back as x-respan-log-id
+        self.request_id = new_id()  # x-respan-gateway-request-id
+        self.endpoint = endpoint
+        self.path = path
+        self.client_format = client_format
+        self.body = body  # provider params only: gateway params are already split off
+        self.params = params
+        self.headers = headers  # the client's request headers (read-only mapping)
+        self.client_ip = client_ip
+        self.model: str = body.get("model") or ""
+        self.stream: bool = body.get("stream") is True
+        opts = body.get("stream_options")
+        self.client_wants_usage: bool = isinstance(opts, dict) and opts.get("include_usage") is True
+        self.started = time.perf_counter()
+        self.started_at = time.time()
+        self.key: KeyInfo | None = None
+        self.target: Target | None = None  # set by routing (or by dispatch's default resolution)
+        self.plan: list[Target] = []  # ordered candidates, for stages that walk them
+        self.usage = Usage()
+        self.cost: float = 0.0
+        self.ttft: float | None = None  # seconds from start to the first content chunk
+        self.upstream_time: float = 0.0  # seconds spent waiting on providers
+        self.routing_time: float = 0.0
+        self.status_code: int = 0
+        self.error: str | None = None
+        self.response_model: str | None = None  # model the upstream says served
+        self.completion: Any = None  # assistant message(s) for the log
+        self.finish_hooks: list[Callable[[Call], None]] = []
+        self.state: dict[str, Any] = {}  # free-form scratch space for stages
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+class Reply:
+    """What comes back through the pipeline: bytes, or an async byte stream (already in client format)."""
+
+    __slots__ = ("status", "headers", "body", "stream", "media_type")
+
+    def __init__(
+        self,
+        status: int = 200,
+        *,
+        body: bytes = b"",
+        stream: AsyncIterator[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        media_type: str = "application/json",
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.stream = stream
+        self.headers = headers if headers is not None else {}
+        self.media_type = media_type

@@ -1,0 +1,220 @@
+"""The Gateway: everything one app instance owns, and the request path through it.
+
+Endpoint handlers build a Call and hand it to `Gateway.handle`; the stages run; `dispatch`
+(the terminal handler) sends the Call to its Target; `finish` accounts, logs and measures
+exactly once per Call, whether it ended in an answer, an error or a client that left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from proxy.call import Call, Reply, Usage
+from proxy.catalog import load_catalog
+from proxy.errors import GatewayError, InternalError
+from proxy.logs.from_call import record_for
+from proxy.logs.queue import LogQueue
+from proxy.logs.sinks import make_sink
+from proxy.metrics import Metrics
+from proxy.model_table import ModelTable
+from proxy.pipeline import Stage, compose, load_stages
+from proxy.providers import build_adapters
+from proxy.settings import Settings
+from proxy.sse import ChatStreamTap, error_event
+from proxy.upstream import UpstreamClient, UpstreamStreamError
+
+logger = logging.getLogger("llmrelay")
+
+
+class Gateway:
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.catalog = load_catalog()
+        self.upstream = UpstreamClient()
+        self.adapters = build_adapters(settings, self.upstream)
+        self.models = ModelTable(settings, self.catalog)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.stages: list[tuple[str, Stage]] = load_stages(settings, self.models)
+        self.handler = compose([stage for _, stage in self.stages], self.dispatch)
+        logs = settings.logs
+        self.logs = LogQueue(
+            [make_sink(s.type, s.path) for s in logs.sinks],
+            logs.spool_dir,
+            self.metrics,
+            maxsize=logs.queue_size,
+            batch_size=logs.batch_size,
+            flush_interval=logs.flush_interval,
+        )
+
+    async def start(self) -> None:
+        await self.logs.start()
+        for _, stage in self.stages:
+            startup = getattr(stage, "startup", None)
+            if startup is not None:
+                await startup()
+
+    async def stop(self, deadline: float = 10.0) -> None:
+        for _, stage in reversed(self.stages):
+            shutdown = getattr(stage, "shutdown", None)
+            if shutdown is not None:
+                try:
+                    await shutdown()
+                except Exception:
+                    logger.exception("stage shutdown failed")
+        await self.upstream.close()
+        await self.logs.stop(deadline)
+
+    # -- the request path -------------------------------------------------------------
+
+    async def dispatch(self, call: Call) -> Reply:
+        """Terminal handler: send the Call to its Target (resolving the model when no stage did)."""
+        target = call.target
+        if target is None:
+            started = time.perf_counter()
+            target = self.models.resolve(call.model)
+            call.routing_time += time.perf_counter() - started
+            call.target = target
+        adapter = self.adapters.get(target.provider)
+        if adapter is None:
+            raise GatewayError(f"Provider {target.provider!r} is not configured on this gateway", 502)
+        return await adapter.send(call, target)
+
+    async def handle(self, call: Call) -> Reply:
+        """Run the pipeline. Always returns a Reply; gateway errors become their JSON bodies."""
+        self.metrics.in_flight.inc()
+        try:
+            reply = await self.handler(call)
+        except GatewayError as exc:
+            reply = self.error_reply(call, exc)
+        except Exception:
+            logger.exception("unhandled error on request %s", call.id)
+            reply = self.error_reply(call, InternalError())
+        if reply.stream is None:
+            self.account_body(call, reply)
+            self.finish(call)
+        return reply
+
+    def error_reply(self, call: Call, exc: GatewayError) -> Reply:
+        call.error = exc.detail
+        call.status_code = exc.status
+        return Reply(exc.status, body=exc.body(), headers=dict(exc.headers))
+
+    def account_body(self, call: Call, reply: Reply) -> None:
+        """Usage, served model and content from a whole (non-stream) OpenAI-format answer."""
+        call.status_code = reply.status
+        if call.error is not None or not reply.body:
+            return
+        try:
+            data: Any = orjson.loads(reply.body)
+        except orjson.JSONDecodeError:
+            if reply.status >= 400:
+                call.error = reply.body[:500].decode(errors="replace")
+            return
+        if not isinstance(data, dict):
+            return
+        if reply.status >= 400:
+            call.error = upstream_error_message(data, reply.status)
+            return
+        call.usage = Usage.from_openai(data.get("usage"))
+        if isinstance(data.get("model"), str):
+            call.response_model = data["model"]
+        choices = data.get("choices")
+        if isinstance(choices, list) and not call.params.disable_log:
+            call.completion = [c.get("message") for c in choices if isinstance(c, dict)]
+
+    def finish(self, call: Call) -> None:
+        """Once per Call: cost, finish hooks, the log record, metrics. No I/O waits here."""
+        target = call.target
+        if target is not None and target.prices is not None:
+            call.cost = target.prices.cost(call.usage)
+        for hook in call.finish_hooks:
+            try:
+                hook(call)
+            except Exception:
+                logger.exception("finish hook failed on request %s", call.id)
+        self.metrics.in_flight.dec()
+        self.metrics.observe(call)
+        self.logs.put(record_for(call))
+
+    def response_headers(self, call: Call, reply: Reply) -> dict[str, str]:
+        headers = reply.headers
+        headers["x-respan-log-id"] = call.id
+        headers["x-respan-gateway-request-id"] = call.request_id
+        overhead = max(call.elapsed() - call.upstream_time, 0.0)
+        headers["x-llmrelay-overhead-ms"] = f"{overhead * 1000:.3f}"
+        return headers
+
+    async def relay(self, call: Call, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Relay an OpenAI-format SSE stream to the client as it arrives, and account it.
+
+        A provider that breaks after the first byte ends the client's stream with an SSE error
+        event, never a clean close. A client that leaves closes the upstream request at once
+        (the provider iterator's own cleanup), and the Call is still logged with the usage seen.
+        """
+        tap = ChatStreamTap(hide_usage_chunk=not call.client_wants_usage, keep_content=not call.params.disable_log)
+        call.status_code = 200
+        upstream_wait = time.perf_counter()
+        completed = False
+        try:
+            async for chunk in stream:
+                now = time.perf_counter()
+                call.upstream_time += now - upstream_wait
+                out = tap.feed(chunk)
+                if call.ttft is None and tap.saw_content:
+                    call.ttft = now - call.started
+                if out:
+                    yield out
+                upstream_wait = time.perf_counter()
+            call.upstream_time += time.perf_counter() - upstream_wait
+            tail = tap.flush()
+            if tail:
+                yield tail
+            if tap.error is not None:
+                call.status_code = _error_status(tap.error)
+                call.error = upstream_error_message({"error": tap.error}, call.status_code)
+            elif not tap.done:
+                if tap.finish_reasons:  # complete but the provider left out the terminator
+                    yield b"data: [DONE]\n\n"
+                else:
+                    call.status_code = 502
+                    call.error = f"provider '{call.target.provider if call.target else '?'}' ended the stream early"
+                    yield error_event(call.error)
+            completed = True
+        except UpstreamStreamError as exc:
+            call.status_code = 502
+            call.error = str(exc)
+            yield error_event(call.error)
+            completed = True
+        finally:
+            if not completed:  # the client went away (cancelled, or the generator was closed)
+                call.status_code = 499
+                call.error = f"client disconnected after {tap.events} events"
+            if tap.usage is not None:
+                call.usage = Usage.from_openai(tap.usage)
+            call.response_model = tap.model
+            if not call.params.disable_log:
+                call.completion = tap.messages()
+            self.finish(call)
+
+
+def upstream_error_message(data: dict[str, Any], status: int) -> str:
+    """A one-line message from a provider's error body (OpenAI, Anthropic or DRF shape)."""
+    error = data.get("error")
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("type") or ""
+        return f"{status}: {message}"[:1000]
+    if isinstance(error, str):
+        return f"{status}: {error}"[:1000]
+    if isinstance(data.get("detail"), str):
+        return f"{status}: {data['detail']}"[:1000]
+    return f"{status}: upstream error"
+
+
+def _error_status(error: Any) -> int:
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, int) and 400 <= code < 600 else 502

@@ -1,0 +1,91 @@
+"""Turn a finished Call into its LogRecord."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from proxy.call import Call
+from proxy.logs.record import LogRecord
+
+
+def _tokens_per_second(call: Call, latency: float) -> float | None:
+    if not call.usage.completion_tokens:
+        return None
+    generation = latency - (call.ttft or 0.0)
+    return round(call.usage.completion_tokens / generation, 3) if generation > 0 else None
+
+
+def record_for(call: Call) -> LogRecord:
+    params = call.params
+    latency = call.elapsed()
+    usage = call.usage
+    target = call.target
+    metadata = params.metadata
+    if params.extra:  # unknown respan_params keys land in metadata, as the exporters expect
+        metadata = {**{k: v if isinstance(v, str) else str(v) for k, v in params.extra.items()}, **(metadata or {})}
+    record = LogRecord(
+        unique_id=call.id,
+        gateway_request_id=call.request_id,
+        log_type="chat" if call.endpoint == "chat" else call.endpoint,
+        start_time=call.started_at,
+        timestamp=time.time(),
+        request_url_path=call.path,
+        model=call.response_model or (target.model if target else None) or call.model or None,
+        model_requested=call.model or None,
+        provider_id=target.provider if target else None,
+        deployment_name=target.deployment if target else None,
+        used_custom_credential=bool(target and target.custom_credential),
+        status_code=call.status_code,
+        status="success" if call.status_code < 400 and not call.error else "error",
+        error_message=call.error or "",
+        stream=call.stream,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_request_tokens=usage.total_tokens,
+        prompt_cache_hit_tokens=usage.cached_tokens,
+        prompt_cache_creation_tokens=usage.cache_creation_tokens,
+        cost=call.cost,
+        latency=latency,
+        time_to_first_token=call.ttft,
+        routing_time=call.routing_time,
+        tokens_per_second=_tokens_per_second(call, latency),
+        customer_identifier=params.customer(),
+        customer_params=params.customer_params,
+        thread_identifier=params.thread_identifier,
+        custom_identifier=params.custom_identifier,
+        group_identifier=params.group_identifier,
+        trace_unique_id=params.trace_unique_id,
+        span_name=params.span_name,
+        span_parent_id=params.span_parent_id,
+        span_workflow_name=params.span_workflow_name,
+        metadata=metadata,
+        properties=params.properties,
+        key_name=call.key.name if call.key else None,
+        environment=call.key.environment if call.key else None,
+        ip_address=call.client_ip,
+        temperature=_number(call.body.get("temperature")),
+        max_tokens=_int(call.body.get("max_tokens") or call.body.get("max_completion_tokens")),
+    )
+    if not params.disable_log:
+        body = call.body
+        record.prompt_messages = body.get("messages") if isinstance(body.get("messages"), list) else None
+        record.tools = body.get("tools") if isinstance(body.get("tools"), list) else None
+        completion: Any = call.completion
+        if isinstance(completion, list):
+            if len(completion) == 1:
+                record.completion_message = completion[0]
+            elif completion:
+                record.completion_message = completion[0]
+                record.completion_messages = completion
+            calls = [tc for m in completion if isinstance(m, dict) for tc in (m.get("tool_calls") or [])]
+            record.tool_calls = calls or None
+    return record
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

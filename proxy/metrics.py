@@ -1,0 +1,113 @@
+"""Prometheus collectors for one gateway, correct across granian workers.
+
+With several workers the CLI sets PROMETHEUS_MULTIPROC_DIR before any worker imports
+prometheus_client; each worker then writes its values to mmap files in that folder and
+/metrics aggregates them (prometheus-client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+from proxy.call import Call
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """The gateway's collectors. One instance per app; tests get a private registry each."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = multiprocess_dir() is not None
+        r = self.registry
+        self.requests = Counter(
+            "llmrelay_requests", "Requests by model, provider and status code", ["model", "provider", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "llmrelay_request_latency_seconds", "Whole-request latency", ["model", "provider"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "llmrelay_time_to_first_token_seconds", "Time to the first streamed content chunk", ["model", "provider"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.overhead = Histogram(
+            "llmrelay_gateway_overhead_seconds", "Time the gateway added: total minus upstream time",
+            buckets=OVERHEAD_BUCKETS, registry=r,
+        )
+        self.tokens = Counter("llmrelay_tokens", "Tokens by model, provider and kind", ["model", "provider", "kind"], registry=r)
+        self.cost = Counter("llmrelay_cost_usd", "Cost in USD by model and provider", ["model", "provider"], registry=r)
+        self.in_flight = Gauge("llmrelay_in_flight_requests", "Requests being served", registry=r, multiprocess_mode="livesum")
+        self.log_queue_depth = Gauge(
+            "llmrelay_log_queue_depth", "Log records waiting for the writer", registry=r, multiprocess_mode="livesum"
+        )
+        self.log_written = Counter("llmrelay_log_records_written", "Log records written to a sink", ["sink"], registry=r)
+        self.log_spilled = Counter(
+            "llmrelay_log_records_spilled", "Log records spilled to the local spool (queue full or sink down)", registry=r
+        )
+        self.log_replayed = Counter("llmrelay_log_records_replayed", "Spooled log records replayed into a sink", registry=r)
+        self.log_spool_errors = Counter(
+            "llmrelay_log_spool_errors", "Failures to write the spool itself (disk full, permissions)", registry=r
+        )
+        # labels() costs a dict lookup plus locking; keep the children we have seen.
+        self._children: dict[tuple[str, str, int], tuple] = {}
+
+    def observe(self, call: Call) -> None:
+        """Record one finished request. Runs on the request path: no I/O beyond mmap writes."""
+        model = call.response_model or call.model or "unknown"
+        provider = call.target.provider if call.target is not None else "none"
+        key = (model, provider, call.status_code)
+        children = self._children.get(key)
+        if children is None:
+            if len(self._children) > 10_000:  # unbounded label sets would leak memory
+                self._children.clear()
+            children = (
+                self.requests.labels(model, provider, str(call.status_code)),
+                self.latency.labels(model, provider),
+                self.ttft.labels(model, provider),
+                self.tokens.labels(model, provider, "prompt"),
+                self.tokens.labels(model, provider, "completion"),
+                self.cost.labels(model, provider),
+            )
+            self._children[key] = children
+        requests, latency, ttft, prompt_tokens, completion_tokens, cost = children
+        requests.inc()
+        total = call.elapsed()
+        latency.observe(total)
+        if call.ttft is not None:
+            ttft.observe(call.ttft)
+        self.overhead.observe(max(total - call.upstream_time, 0.0))
+        if call.usage.prompt_tokens:
+            prompt_tokens.inc(call.usage.prompt_tokens)
+        if call.usage.completion_tokens:
+            completion_tokens.inc(call.usage.completion_tokens)
+        if call.cost:
+            cost.inc(call.cost)
+
+    def render(self) -> tuple[bytes, str]:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            prom_multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a stopped worker's live gauges from the multiprocess files."""
+    if multiprocess_dir():
+        prom_multiprocess.mark_process_dead(pid)

@@ -1,0 +1,121 @@
+"""Which provider and upstream model serve a requested model name.
+
+Resolution order for a requested `model`:
+1. a configured model name or alias (config `models`);
+2. a `provider/model` slug whose provider is configured (id or catalog alias);
+3. a bare catalog model name served by a configured provider (catalog order);
+4. a bare upstream model name that a configured model points at.
+Anything else is 404 "Requested model X is not available in the model list".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.call import Prices, Target
+from proxy.catalog import Catalog
+from proxy.errors import ModelNotFound
+from proxy.settings import Provider, Settings
+
+
+class ModelTable:
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.providers: dict[str, Provider] = {p.id: p for p in settings.providers}
+        self.named: dict[str, Target] = {}  # configured names and aliases
+        self.upstream_names: dict[str, Target] = {}
+        for m in settings.models:
+            provider = self.providers[m.provider]
+            upstream_model = m.model or m.name
+            prices = Prices(m.prices.input, m.prices.output, m.prices.cached_input) if m.prices else self._catalog_prices(
+                provider.id, upstream_model
+            )
+            target = self._target(provider, upstream_model, prices)
+            for name in (m.name, *m.aliases):
+                self.named[name] = target
+            self.upstream_names.setdefault(upstream_model, target)
+        self._resolved: dict[str, Target] = {}
+
+    def _catalog_prices(self, provider: str, model: str) -> Prices | None:
+        spec = self.catalog.models.get(f"{provider}/{model}")
+        return Prices(spec.input, spec.output, spec.cached_input) if spec else None
+
+    @staticmethod
+    def _target(provider: Provider, model: str, prices: Prices | None) -> Target:
+        return Target(
+            provider=provider.id,
+            protocol=provider.protocol,
+            model=model,
+            base_url=provider.base_url,
+            api_key=provider.api_key,
+            deployment=provider.id,
+            prices=prices,
+        )
+
+    def provider_id(self, name: str) -> str | None:
+        """A configured provider's id from its id or a catalog alias."""
+        if name in self.providers:
+            return name
+        spec = self.catalog.provider(name)
+        return spec.id if spec is not None and spec.id in self.providers else None
+
+    def resolve(self, requested: str) -> Target:
+        """The Target for a requested model. Targets are shared: copy with msgspec.structs.replace to change one."""
+        target = self._resolved.get(requested)
+        if target is None:
+            target = self._resolve(requested)
+            if len(self._resolved) > 50_000:
+                self._resolved.clear()
+            self._resolved[requested] = target
+        return target
+
+    def _resolve(self, requested: str) -> Target:
+        if not requested:
+            raise ModelNotFound(requested)
+        if target := self.named.get(requested):
+            return target
+        prefix, slash, rest = requested.partition("/")
+        if slash and rest:
+            provider_id = self.provider_id(prefix)
+            if provider_id is not None:
+                provider = self.providers[provider_id]
+                configured = self.upstream_names.get(rest)
+                prices = configured.prices if configured is not None and configured.provider == provider_id else None
+                return self._target(provider, rest, prices or self._catalog_prices(provider_id, rest))
+        for spec in self.catalog.by_name.get(requested, ()):
+            if spec.provider in self.providers:
+                return self._target(self.providers[spec.provider], requested, Prices(spec.input, spec.output, spec.cached_input))
+        if target := self.upstream_names.get(requested):
+            return target
+        raise ModelNotFound(requested)
+
+    def public_models(self) -> list[dict[str, Any]]:
+        """Every model this gateway can route, for /api/models/public and /v1/models."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, target in self.named.items():
+            out[name] = self._describe(name, target)
+        for key, spec in self.catalog.models.items():
+            if spec.provider in self.providers and key not in out:
+                out[key] = self._describe(key, self._target(
+                    self.providers[spec.provider], spec.name, Prices(spec.input, spec.output, spec.cached_input)
+                ), spec.context_window)
+        return list(out.values())
+
+    def _describe(self, name: str, target: Target, context_window: int | None = None) -> dict[str, Any]:
+        prices = target.prices or Prices()
+        spec = self.catalog.providers.get(target.provider)
+        return {
+            "model_name": name,
+            "max_context_window": context_window,
+            "input_cost": prices.input,
+            "output_cost": prices.output,
+            "prompt_cost": prices.input,
+            "completion_cost": prices.output,
+            "rate_limit": None,
+            "provider": {
+                "provider_name": spec.name if spec else target.provider,
+                "provider_id": target.provider,
+                "moderation": "Unfiltered",
+                "credential_fields": ["api_key"] if target.protocol != "demo" else [],
+            },
+        }

@@ -1,0 +1,70 @@
+"""Providers that speak the OpenAI Chat Completions API: bytes pass through unchanged."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from proxy.call import Call, Reply, Target
+from proxy.settings import Provider, Timeouts
+from proxy.upstream import UpstreamClient
+
+
+class OpenAICompatible:
+    def __init__(self, config: Provider, timeouts: Timeouts, upstream: UpstreamClient) -> None:
+        self.config = config
+        self.timeouts = config.timeouts or timeouts
+        self.upstream = upstream
+        self.static_headers = {"Content-Type": "application/json", **config.headers}
+
+    def request_body(self, call: Call, target: Target) -> bytes:
+        body = call.body
+        if body.get("model") != target.model or (call.stream and not call.client_wants_usage):
+            body = dict(body)
+            body["model"] = target.model
+            if call.stream and not call.client_wants_usage:
+                # Every stream is accounted: ask for the usage chunk; the relay hides it from
+                # a client that did not ask for it.
+                options = body.get("stream_options")
+                body["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {
+                    "include_usage": True
+                }
+        return orjson.dumps(body)
+
+    def request_headers(self, target: Target) -> dict[str, str]:
+        headers = dict(self.static_headers)
+        if target.api_key:
+            headers["Authorization"] = f"Bearer {target.api_key}"
+        if target.extra_headers:
+            headers.update(target.extra_headers)
+        return headers
+
+    async def send(self, call: Call, target: Target) -> Reply:
+        url = (target.base_url or self.config.base_url).rstrip("/") + "/chat/completions"
+        read_timeout = call.params.timeout or target.timeout or (
+            self.timeouts.stream_idle if call.stream else self.timeouts.read
+        )
+        started = time.perf_counter()
+        try:
+            response = await self.upstream.post(
+                target.provider,
+                url,
+                self.request_headers(target),
+                self.request_body(call, target),
+                connect_timeout=self.timeouts.connect,
+                read_timeout=read_timeout,
+                stream=call.stream,
+                max_connections=self.config.max_connections,
+            )
+            headers = response.pass_headers()
+            media_type = response.headers.get("Content-Type", "application/json")
+            if call.stream and response.status < 400:
+                return Reply(200, stream=response.chunks(), headers=headers, media_type="text/event-stream")
+            body = await response.read()
+        finally:
+            call.upstream_time += time.perf_counter() - started
+        return Reply(response.status, body=body, headers=headers, media_type=media_type)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,249 @@
+"""The YAML config, validated into msgspec Structs.
+
+`${VAR}` (or `${VAR:-default}`) in any string is replaced from the environment, so secrets stay
+out of the file. Every error names the file, the field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from proxy.catalog import load_catalog
+from proxy.keys import hash_key, is_key_hash
+
+DEMO_KEY = "sk-llmrelay-demo"  # the embedded defaults' gateway key; README examples use it
+DATA_DIR = "./llmrelay-data"
+# Wire protocols that a provider found through its environment key may use. Grows as
+# proxy/providers/ learns more protocols.
+ENVIRONMENT_PROTOCOLS = frozenset({"openai"})
+
+
+class ConfigError(Exception):
+    """A config that cannot be served. The message names the file and the field path."""
+
+
+class Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Config structs reject unknown fields, so a typo is an error instead of a silent default."""
+
+
+class Timeouts(Struct):
+    connect: float = 10.0  # seconds to open a connection to a provider
+    read: float = 600.0  # seconds to wait for a whole non-stream response
+    stream_idle: float = 120.0  # seconds of silence allowed between two stream chunks
+
+
+class Server(Struct):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 10 * 1024 * 1024
+    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)  # provider defaults
+
+
+class Provider(Struct):
+    id: str
+    protocol: str = "openai"
+    base_url: str = ""
+    api_key: str | None = None
+    timeouts: Timeouts | None = None
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    max_connections: int = 1000
+
+
+class Prices(Struct):
+    input: float = 0.0  # USD per 1M input tokens
+    output: float = 0.0  # USD per 1M output tokens
+    cached_input: float | None = None  # USD per 1M cached input tokens; `input` when absent
+
+
+class Model(Struct):
+    name: str
+    provider: str
+    model: str | None = None  # the upstream model name; `name` when absent
+    prices: Prices | None = None
+    aliases: list[str] = msgspec.field(default_factory=list)
+
+
+class ApiKey(Struct):
+    name: str
+    key_hash: str  # "sha256:<hex>" of the key; `llmrelay hash-key` prints one
+    environment: Literal["test", "production"] = "production"
+    expires_at: datetime | None = None
+
+
+class StageEntry(Struct):
+    name: str
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class LogSink(Struct):
+    type: Literal["sqlite", "jsonl"]
+    path: str
+
+
+class Logs(Struct):
+    queue_size: int = 10_000
+    batch_size: int = 500
+    flush_interval: float = 0.2
+    spool_dir: str = f"{DATA_DIR}/spool"
+    sinks: list[LogSink] = msgspec.field(default_factory=lambda: [LogSink(type="sqlite", path=f"{DATA_DIR}/logs.db")])
+
+
+class Backend(Struct):
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+
+
+class State(Struct):
+    cache: Backend = msgspec.field(default_factory=Backend)
+    counters: Backend = msgspec.field(default_factory=Backend)
+
+
+class Settings(Struct):
+    server: Server = msgspec.field(default_factory=Server)
+    providers: list[Provider] = msgspec.field(default_factory=list)
+    models: list[Model] = msgspec.field(default_factory=list)
+    keys: list[ApiKey] = msgspec.field(default_factory=list)
+    pipeline: list[str | StageEntry] = msgspec.field(default_factory=lambda: ["auth"])
+    logs: Logs = msgspec.field(default_factory=Logs)
+    state: State = msgspec.field(default_factory=State)
+    # enable catalog providers whose API key is in the environment (OPENAI_API_KEY, ...)
+    auto_providers: bool = True
+    source: str = "<embedded defaults>"  # where this config came from; set by the loader
+
+    def stage_entries(self) -> list[StageEntry]:
+        return [StageEntry(name=e) if isinstance(e, str) else e for e in self.pipeline]
+
+    def provider(self, provider_id: str) -> Provider | None:
+        for p in self.providers:
+            if p.id == provider_id:
+                return p
+        return None
+
+
+def embedded_defaults() -> dict[str, Any]:
+    """What `llmrelay serve` runs with no config: the demo provider and the demo key."""
+    return {
+        "providers": [{"id": "demo", "protocol": "demo"}],
+        "models": [{"name": "demo", "provider": "demo", "model": "llmrelay-demo-1", "aliases": ["demo-model"]}],
+        "keys": [{"name": "demo", "key_hash": hash_key(DEMO_KEY), "environment": "test"}],
+    }
+
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: Any, path: str, source: str, env: dict[str, str]) -> Any:
+    """Replace ${VAR} / ${VAR:-default} in every string of a parsed YAML tree."""
+    if isinstance(value, str):
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{source}: {path}: environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+
+        return _ENV_PATTERN.sub(replace, value)
+    if isinstance(value, dict):
+        return {k: interpolate(v, f"{path}.{k}", source, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, f"{path}[{i}]", source, env) for i, v in enumerate(value)]
+    return value
+
+
+def parse_settings(raw: Any, source: str, env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ) if env is None else env
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: $: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = interpolate(raw, "$", source, env)
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+    settings.source = source
+    check(settings)
+    if settings.auto_providers:
+        add_environment_providers(settings, env)
+    return settings
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    """msgspec says 'Expected `int`, got `str` - at `$.server.port`'; lead with the path."""
+    message = str(exc)
+    if " - at `" in message:
+        what, _, where = message.rpartition(" - at `")
+        return f"{where.rstrip('`')}: {what}"
+    return f"$: {message}"
+
+
+def check(settings: Settings) -> None:
+    """Cross-field rules that types alone cannot say."""
+    src = settings.source
+    if not 0 < settings.server.port < 65536 and settings.server.port != 0:
+        raise ConfigError(f"{src}: $.server.port: expected 0-65535, got {settings.server.port}")
+    if settings.server.workers < 1:
+        raise ConfigError(f"{src}: $.server.workers: expected at least 1, got {settings.server.workers}")
+    if settings.server.max_body_bytes < 1024:
+        raise ConfigError(f"{src}: $.server.max_body_bytes: expected at least 1024, got {settings.server.max_body_bytes}")
+    seen: set[str] = set()
+    for i, p in enumerate(settings.providers):
+        where = f"{src}: $.providers[{i}]"
+        if p.id in seen:
+            raise ConfigError(f"{where}.id: duplicate provider id {p.id!r}")
+        seen.add(p.id)
+        if p.base_url and not p.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.base_url: expected an http:// or https:// URL, got {p.base_url!r}")
+    names: set[str] = set()
+    for i, m in enumerate(settings.models):
+        where = f"{src}: $.models[{i}]"
+        if m.provider not in seen:
+            raise ConfigError(f"{where}.provider: no provider with id {m.provider!r} (declared: {sorted(seen)})")
+        for n in (m.name, *m.aliases):
+            if n in names:
+                raise ConfigError(f"{where}: model name or alias {n!r} is declared twice")
+            names.add(n)
+    for i, k in enumerate(settings.keys):
+        if not is_key_hash(k.key_hash):
+            raise ConfigError(f"{src}: $.keys[{i}].key_hash: expected 'sha256:' followed by 64 hex digits (run `llmrelay hash-key`)")
+    for i, e in enumerate(settings.stage_entries()):
+        if not e.name:
+            raise ConfigError(f"{src}: $.pipeline[{i}]: empty stage name")
+
+
+def add_environment_providers(settings: Settings, env: dict[str, str]) -> None:
+    """Catalog providers whose key is in the environment join, unless the config declares them."""
+    for spec in load_catalog().providers.values():
+        if not spec.api_key_env or settings.provider(spec.id) is not None:
+            continue
+        key = env.get(spec.api_key_env)
+        if key and spec.protocol in ENVIRONMENT_PROTOCOLS:
+            settings.providers.append(Provider(id=spec.id, protocol=spec.protocol, base_url=spec.base_url, api_key=key))
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Read a config file, or the embedded defaults when `path` is None."""
+    if path is None:
+        return parse_settings(embedded_defaults(), "<embedded defaults>", env)
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{source}: {where}invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse_settings(raw, source, env)

@@ -1,0 +1,167 @@
+"""An incremental scanner for OpenAI chat-completion SSE streams.
+
+The relay feeds it each chunk as it arrives and forwards what it returns. Complete events go
+out as they are: when a chunk holds whole events and none is hidden, the very same bytes
+object is returned (no copy). On the way it picks up usage, the served model, finish reasons,
+the first content (for TTFT) and, unless the log must not keep content, the assistant text and
+tool calls. The usage-only chunk the gateway asked for on the client's behalf is hidden.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+DONE = b"[DONE]"
+
+
+class ChatStreamTap:
+    __slots__ = (
+        "hide_usage_chunk", "keep_content", "_tail", "usage", "model", "done", "finish_reasons",
+        "saw_content", "error", "malformed", "events", "_content", "_tools",
+    )
+
+    def __init__(self, *, hide_usage_chunk: bool, keep_content: bool = True) -> None:
+        self.hide_usage_chunk = hide_usage_chunk
+        self.keep_content = keep_content
+        self._tail = b""
+        self.usage: dict[str, Any] | None = None
+        self.model: str | None = None
+        self.done = False  # `data: [DONE]` seen
+        self.finish_reasons: dict[int, str] = {}
+        self.saw_content = False
+        self.error: Any = None  # an `error` object the upstream sent inside the stream
+        self.malformed = 0  # data lines that were not JSON (forwarded unchanged)
+        self.events = 0
+        self._content: dict[int, list[str]] = {}
+        self._tools: dict[int, dict[int, dict[str, Any]]] = {}
+
+    def feed(self, data: bytes) -> bytes:
+        """Bytes to forward now: every complete event so far, minus hidden ones."""
+        if self._tail:
+            data = self._tail + data
+            self._tail = b""
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        end = data.rfind(b"\n\n")
+        if end == -1:
+            self._tail = data
+            return b""
+        if end + 2 < len(data):
+            self._tail = data[end + 2:]
+            data = data[: end + 2]
+        hidden = False
+        events = data.split(b"\n\n")
+        for event in events:
+            if event and self._scan(event):
+                hidden = True
+        if not hidden:
+            return data
+        return b"".join(e + b"\n\n" for e in events if e and not self._hidden(e))
+
+    def flush(self) -> bytes:
+        """At the end of the upstream stream: whatever partial event is left."""
+        tail, self._tail = self._tail, b""
+        if tail.strip():
+            self._scan(tail.rstrip(b"\n"))
+            return tail if tail.endswith(b"\n\n") else tail.rstrip(b"\n") + b"\n\n"
+        return b""
+
+    @staticmethod
+    def _payload(event: bytes) -> bytes | None:
+        if event.startswith(b"data: ") and b"\n" not in event:
+            return event[6:]
+        lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+        return b"\n".join(lines) if lines else None
+
+    def _hidden(self, event: bytes) -> bool:
+        payload = self._payload(event)
+        if not payload or payload == DONE or b'"usage"' not in payload:
+            return False
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(obj, dict) and not obj.get("choices") and isinstance(obj.get("usage"), dict)
+
+    def _scan(self, event: bytes) -> bool:
+        """Read one event; True if it is the usage-only chunk to hide from this client."""
+        payload = self._payload(event)
+        if payload is None:
+            return False
+        self.events += 1
+        if payload == DONE:
+            self.done = True
+            return False
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            self.malformed += 1
+            return False
+        if not isinstance(obj, dict):
+            self.malformed += 1
+            return False
+        if "error" in obj and obj["error"]:
+            self.error = obj["error"]
+        if self.model is None and isinstance(obj.get("model"), str):
+            self.model = obj["model"]
+        choices = obj.get("choices")
+        if choices:
+            for choice in choices:
+                if isinstance(choice, dict):
+                    self._choice(choice)
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+            return self.hide_usage_chunk and not choices
+        return False
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        index = choice.get("index", 0) if isinstance(choice.get("index"), int) else 0
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            content = delta.get("content")
+            tool_calls = delta.get("tool_calls")
+            if content or tool_calls or delta.get("reasoning_content"):
+                self.saw_content = True
+            if self.keep_content:
+                if content:
+                    self._content.setdefault(index, []).append(content)
+                if isinstance(tool_calls, list):
+                    self._merge_tools(index, tool_calls)
+        reason = choice.get("finish_reason")
+        if reason:
+            self.finish_reasons[index] = reason
+
+    def _merge_tools(self, index: int, deltas: list[Any]) -> None:
+        calls = self._tools.setdefault(index, {})
+        for d in deltas:
+            if not isinstance(d, dict):
+                continue
+            slot = calls.setdefault(d.get("index", len(calls)), {"id": None, "type": "function",
+                                                                   "function": {"name": "", "arguments": ""}})
+            if d.get("id"):
+                slot["id"] = d["id"]
+            fn = d.get("function")
+            if isinstance(fn, dict):
+                if fn.get("name"):
+                    slot["function"]["name"] += fn["name"]
+                if fn.get("arguments"):
+                    slot["function"]["arguments"] += fn["arguments"]
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The assistant message of each choice, rebuilt from the deltas (for the log)."""
+        indexes = sorted(set(self._content) | set(self._tools) | set(self.finish_reasons))
+        out = []
+        for i in indexes:
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(self._content.get(i, [])) or None}
+            if i in self._tools:
+                message["tool_calls"] = [self._tools[i][k] for k in sorted(self._tools[i])]
+            out.append(message)
+        return out
+
+
+def error_event(message: str, *, type: str = "upstream_error", code: int | str | None = 502) -> bytes:
+    """The event that ends a broken stream: the OpenAI SDKs raise on an `error` object."""
+    return b"data: " + orjson.dumps({"error": {"message": message, "type": type, "code": code}}) + b"\n\ndata: [DONE]\n\n"

@@ -1,0 +1,106 @@
+from collections import Counter
+from importlib import resources
+
+import pytest
+import yaml
+
+from proxy.catalog import Catalog, ModelSpec, ProviderSpec, load_catalog
+
+OPENAI_COMPATIBLE = {
+    "openai",
+    "groq",
+    "together_ai",
+    "fireworks",
+    "deepseek",
+    "xai",
+    "mistral",
+    "openrouter",
+    "perplexity",
+    "cerebras",
+}
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return load_catalog()
+
+
+def test_loads_and_is_cached(catalog: Catalog) -> None:
+    assert load_catalog() is catalog
+    assert catalog.providers and catalog.models
+    assert all(isinstance(p, ProviderSpec) for p in catalog.providers.values())
+    assert all(isinstance(m, ModelSpec) for m in catalog.models.values())
+
+
+def test_expected_providers(catalog: Catalog) -> None:
+    assert OPENAI_COMPATIBLE | {"anthropic", "gemini"} <= catalog.providers.keys()
+    for pid in OPENAI_COMPATIBLE:
+        assert catalog.providers[pid].protocol == "openai"
+    assert catalog.providers["anthropic"].protocol == "anthropic"
+    assert catalog.providers["gemini"].protocol == "gemini"
+
+
+def test_provider_fields(catalog: Catalog) -> None:
+    for pid, p in catalog.providers.items():
+        assert p.id == pid
+        assert p.name
+        assert p.base_url.startswith("https://") and not p.base_url.endswith("/")
+        assert p.api_key_env and p.api_key_env.isupper()
+
+
+def test_provider_ids_unique() -> None:
+    raw = yaml.safe_load(resources.files("proxy.catalog").joinpath("providers.yaml").read_text())
+    ids = [p["id"] for p in raw["providers"]]
+    assert [i for i, n in Counter(ids).items() if n > 1] == []
+
+
+def test_model_keys_unique() -> None:
+    raw = yaml.safe_load(resources.files("proxy.catalog").joinpath("models.yaml").read_text())
+    keys = [f"{m['provider']}/{m['name']}" for m in raw["models"]]
+    assert [k for k, n in Counter(keys).items() if n > 1] == []
+    assert len(load_catalog().models) == len(keys)
+
+
+def test_every_model_provider_exists(catalog: Catalog) -> None:
+    for key, m in catalog.models.items():
+        assert m.provider in catalog.providers, key
+        assert key == f"{m.provider}/{m.name}"
+
+
+def test_every_provider_has_models(catalog: Catalog) -> None:
+    served = {m.provider for m in catalog.models.values()}
+    assert served == catalog.providers.keys()
+
+
+def test_prices_non_negative(catalog: Catalog) -> None:
+    for key, m in catalog.models.items():
+        assert m.input >= 0 and m.output >= 0, key
+        assert m.cached_input is None or 0 <= m.cached_input <= m.input, key
+        assert m.context_window is None or m.context_window > 0, key
+
+
+def test_by_name_indexes_every_model(catalog: Catalog) -> None:
+    flat = [m for specs in catalog.by_name.values() for m in specs]
+    assert len(flat) == len(catalog.models)
+    for name, specs in catalog.by_name.items():
+        assert all(m.name == name for m in specs)
+    # A bare name served by several providers lists each of them.
+    assert {m.provider for m in catalog.by_name["openai/gpt-oss-120b"]} == {"groq", "together_ai"}
+
+
+def test_aliases_do_not_collide(catalog: Catalog) -> None:
+    ids = set(catalog.providers)
+    aliases = [a for p in catalog.providers.values() for a in p.aliases]
+    assert ids.isdisjoint(aliases)
+    assert len(aliases) == len(set(aliases))
+    assert all(a == a.lower() for a in aliases)
+
+
+def test_provider_lookup_by_alias(catalog: Catalog) -> None:
+    assert catalog.provider("together").id == "together_ai"
+    assert catalog.provider("TogetherAI").id == "together_ai"
+    assert catalog.provider("fireworks_ai").id == "fireworks"
+    assert catalog.provider("perplexityai").id == "perplexity"
+    assert catalog.provider("google").id == "gemini"
+    assert catalog.provider("openai").id == "openai"
+    assert catalog.provider("nope") is None
