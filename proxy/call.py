@@ -112,6 +112,7 @@ class Call:
         "response_model",
         "completion",
         "finish_hooks",
+        "warnings",
         "state",
     )
 
@@ -154,6 +155,7 @@ class Call:
         self.response_model: str | None = None  # model the upstream says served
         self.completion: Any = None  # assistant message(s) for the log
         self.finish_hooks: list[Callable[[Call], None]] = []
+        self.warnings: list[str] = []  # go to the log's `warnings`
         self.state: dict[str, Any] = {}  # free-form scratch space for stages
 
     def elapsed(self) -> float:

@@ -196,10 +196,26 @@ class Gateway:
                 call.error = f"client disconnected after {tap.events} events"
             if tap.usage is not None:
                 call.usage = Usage.from_openai(tap.usage)
+            elif tap.events:
+                call.usage = estimate_usage(call.body, tap.content_deltas)
+                call.warnings.append("usage estimated: the stream ended before the provider reported usage")
             call.response_model = tap.model
             if not call.params.disable_log:
                 call.completion = tap.messages()
             self.finish(call)
+
+
+def estimate_usage(body: dict[str, Any], content_deltas: int) -> Usage:
+    """Usage for a stream cut before the provider's usage chunk: about 4 characters a prompt
+    token, one token per content delta (how OpenAI-compatible providers stream)."""
+    chars = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+    return Usage(prompt_tokens=-(-chars // 4), completion_tokens=content_deltas)
 
 
 def upstream_error_message(data: dict[str, Any], status: int) -> str:

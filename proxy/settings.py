@@ -216,6 +216,10 @@ def check(settings: Settings) -> None:
     for i, k in enumerate(settings.keys):
         if not is_key_hash(k.key_hash):
             raise ConfigError(f"{src}: $.keys[{i}].key_hash: expected 'sha256:' followed by 64 hex digits (run `llmrelay hash-key`)")
+    types = [s.type for s in settings.logs.sinks]
+    for i, t in enumerate(types):
+        if t in types[:i]:
+            raise ConfigError(f"{src}: $.logs.sinks[{i}].type: a {t} sink is already declared; one sink per type")
     for i, e in enumerate(settings.stage_entries()):
         if not e.name:
             raise ConfigError(f"{src}: $.pipeline[{i}]: empty stage name")

@@ -19,7 +19,7 @@ DONE = b"[DONE]"
 class ChatStreamTap:
     __slots__ = (
         "hide_usage_chunk", "keep_content", "_tail", "usage", "model", "done", "finish_reasons",
-        "saw_content", "error", "malformed", "events", "_content", "_tools",
+        "saw_content", "error", "malformed", "events", "content_deltas", "_content", "_tools",
     )
 
     def __init__(self, *, hide_usage_chunk: bool, keep_content: bool = True) -> None:
@@ -34,6 +34,7 @@ class ChatStreamTap:
         self.error: Any = None  # an `error` object the upstream sent inside the stream
         self.malformed = 0  # data lines that were not JSON (forwarded unchanged)
         self.events = 0
+        self.content_deltas = 0  # deltas that carried output: roughly one token each
         self._content: dict[int, list[str]] = {}
         self._tools: dict[int, dict[int, dict[str, Any]]] = {}
 
@@ -125,6 +126,7 @@ class ChatStreamTap:
             tool_calls = delta.get("tool_calls")
             if content or tool_calls or delta.get("reasoning_content"):
                 self.saw_content = True
+                self.content_deltas += 1
             if self.keep_content:
                 if content:
                     self._content.setdefault(index, []).append(content)

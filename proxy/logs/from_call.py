@@ -40,6 +40,7 @@ def record_for(call: Call) -> LogRecord:
         status="success" if call.status_code < 400 and not call.error else "error",
         error_message=call.error or "",
         stream=call.stream,
+        warnings=call.warnings or None,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_request_tokens=usage.total_tokens,

@@ -1,0 +1,249 @@
+"""LogQueue: the request path puts LogRecords; a background writer batches them to the sinks.
+
+A full queue or a sink that is down spills to the local spool (proxy.logs.spool), which the
+writer replays into the sink once it takes writes again. Nothing is dropped silently: a record
+that reaches no sink is in a spool file, or counted in `log_spool_errors` with a log line.
+
+Counting: `log_written{sink}` counts records written by the live path, `log_replayed` those
+written from the spool; together they are what each sink received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy.logs.record import LogRecord
+from proxy.logs.sinks import Sink
+from proxy.logs.spool import Spool
+from proxy.metrics import Metrics
+
+log = logging.getLogger("llmrelay.logs")
+
+_WAKE = object()  # put by stop() to end the writer's wait for a first record
+
+
+class _SinkState:
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self.opened = False
+        self.up = False  # False: batches go to the spool until a replay succeeds
+
+
+class LogQueue:
+    def __init__(
+        self,
+        sinks: Sequence[Sink],
+        spool_dir: str | Path,
+        metrics: Metrics,
+        *,
+        maxsize: int = 10000,
+        batch_size: int = 500,
+        flush_interval: float = 0.2,
+        replay_interval: float = 2.0,
+    ) -> None:
+        names = [s.name for s in sinks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"log sink names must be unique, got {names}")
+        self._states = [_SinkState(s) for s in sinks]
+        self._names = names
+        self._metrics = metrics
+        self._spool = Spool(spool_dir, metrics)
+        self._queue: asyncio.Queue[LogRecord | object] = asyncio.Queue(maxsize)
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._replay_interval = replay_interval
+        self._closing = False
+        self._stopped = False
+        self._task: asyncio.Task[None] | None = None
+        self._collecting: list[LogRecord] = []  # the batch being gathered, spooled if cancelled
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def put(self, record: LogRecord) -> None:
+        """Hand a record to the writer. Never blocks on the writer and never raises."""
+        if not self._closing:
+            try:
+                self._queue.put_nowait(record)
+                return
+            except asyncio.QueueFull:
+                pass
+        # A local append to the page cache (no fsync): the queue is full or we are stopping.
+        self._spool.append(self._names, (record,))
+
+    async def start(self) -> None:
+        for st in self._states:
+            await self._open(st)
+        await self._replay_all()
+        self._task = asyncio.create_task(self._run(), name="llmrelay-log-writer")
+
+    async def stop(self, deadline: float = 10.0) -> None:
+        """Drain the queue into the sinks within `deadline` seconds, spool the rest, close."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        if self._task is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._queue.put_nowait(_WAKE)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), deadline)
+            except TimeoutError:
+                log.warning("log writer did not drain within %.1fs; spooling the rest", deadline)
+                self._task.cancel()
+                await asyncio.wait({self._task})
+            except Exception:
+                log.exception("log writer failed")
+        leftover = self._drain_nowait()
+        if leftover:
+            await asyncio.to_thread(self._spool.append, self._names, leftover)
+        await asyncio.to_thread(self._spool.close)
+        for st in self._states:
+            try:
+                await asyncio.wait_for(st.sink.close(), max(end - loop.time(), 1.0))
+            except Exception:
+                log.exception("closing log sink %s failed", st.name)
+        self._metrics.log_queue_depth.set(0)
+
+    # -- writer ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_replay = loop.time() + self._replay_interval
+        while True:
+            try:
+                if self._closing:
+                    batch = self._drain_nowait(self._batch_size)
+                    if not batch:
+                        return
+                else:
+                    batch = await self._next_batch(next_replay)
+                if batch:
+                    await self._write(batch)
+                self._metrics.log_queue_depth.set(self._queue.qsize())
+                if not self._closing and loop.time() >= next_replay:
+                    await self._replay_all()
+                    next_replay = loop.time() + self._replay_interval
+            except asyncio.CancelledError:
+                batch, self._collecting = self._collecting, []
+                self._spool.append(self._names, batch)
+                raise
+            except Exception:
+                # _write and _replay_all handle sink errors; this is a bug or a spool failure.
+                log.exception("log writer error")
+                await asyncio.sleep(self._flush_interval)
+
+    async def _next_batch(self, wait_until: float) -> list[LogRecord]:
+        """Up to batch_size records: waits until `wait_until` (loop time) at most for the
+        first, then at most flush_interval for the batch to fill."""
+        batch = self._collecting = []
+        q = self._queue
+        try:
+            async with asyncio.timeout_at(wait_until):
+                first = await q.get()
+        except TimeoutError:
+            return batch
+        if first is not _WAKE:
+            batch.append(first)  # type: ignore[arg-type]
+        flush_at = asyncio.get_running_loop().time() + self._flush_interval
+        try:
+            async with asyncio.timeout_at(flush_at):
+                while True:
+                    batch.extend(self._drain_nowait(self._batch_size - len(batch)))
+                    if len(batch) >= self._batch_size or self._closing:
+                        break
+                    item = await q.get()
+                    if item is not _WAKE:
+                        batch.append(item)  # type: ignore[arg-type]
+        except TimeoutError:
+            pass
+        self._collecting = []
+        return batch
+
+    def _drain_nowait(self, limit: int | None = None) -> list[LogRecord]:
+        out: list[LogRecord] = []
+        q = self._queue
+        while (limit is None or len(out) < limit) and not q.empty():
+            item = q.get_nowait()
+            if item is not _WAKE:
+                out.append(item)  # type: ignore[arg-type]
+        return out
+
+    async def _write(self, batch: list[LogRecord]) -> None:
+        handled: set[str] = set()  # sinks whose copy was written or handed to the spool
+        try:
+            if len(self._states) == 1:
+                await self._deliver(self._states[0], batch, handled)
+            else:
+                await asyncio.gather(*(self._deliver(st, batch, handled) for st in self._states))
+        except asyncio.CancelledError:
+            # stop() ran out of time. A write cut short may still land: sinks dedupe by unique_id.
+            self._spool.append([n for n in self._names if n not in handled], batch)
+            raise
+
+    async def _deliver(self, st: _SinkState, batch: list[LogRecord], handled: set[str]) -> None:
+        if st.up:
+            try:
+                await st.sink.write(batch)
+            except Exception as e:
+                st.up = False
+                log.warning("log sink %s write failed, spooling until it recovers: %r", st.name, e)
+            else:
+                handled.add(st.name)
+                self._metrics.log_written.labels(st.name).inc(len(batch))
+                return
+        handled.add(st.name)  # the thread finishes the append even if we are cancelled
+        await asyncio.to_thread(self._spool.append, (st.name,), batch)
+
+    # -- open and replay -------------------------------------------------------------------
+
+    async def _open(self, st: _SinkState) -> bool:
+        try:
+            await st.sink.open()
+        except Exception as e:
+            log.warning("log sink %s failed to open, spooling until it does: %r", st.name, e)
+            return False
+        st.opened = st.up = True
+        return True
+
+    async def _replay_all(self) -> None:
+        for st in self._states:
+            try:
+                await self._replay(st)
+            except Exception:
+                log.exception("log spool replay for sink %s failed", st.name)
+
+    async def _replay(self, st: _SinkState) -> None:
+        """Replay this sink's spool files in batch_size chunks; stop at the first failure.
+        A sink that is down comes back up once its spool is empty."""
+        if not st.opened and not await self._open(st):
+            return
+        files = await asyncio.to_thread(self._spool.claim, st.name)
+        for f in files:
+            while not self._closing:
+                chunk = await asyncio.to_thread(f.read, self._batch_size)
+                if chunk.records:
+                    try:
+                        await st.sink.write(chunk.records)
+                    except Exception as e:
+                        if st.up:
+                            log.warning("log sink %s replay failed, spooling until it recovers: %r", st.name, e)
+                        st.up = False
+                        return
+                    self._metrics.log_replayed.inc(len(chunk.records))
+                await asyncio.to_thread(self._spool.commit, st.name, f, chunk)
+                if chunk.eof:
+                    break
+        if self._closing:
+            return
+        if not st.up:
+            log.info("log sink %s recovered", st.name)
+        st.up = True

@@ -1,0 +1,168 @@
+"""SQLite sink: the embedded default. One row per LogRecord in table `request_logs`."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import types
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+import msgspec
+import orjson
+
+from proxy.logs.record import LogRecord
+
+T = TypeVar("T")
+
+TABLE = "request_logs"
+INDEXED = ("timestamp", "customer_identifier", "model", "status_code", "thread_identifier")
+
+_SCALARS = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
+
+
+def _column_kind(tp: Any) -> str:
+    """'TEXT' | 'INTEGER' | 'REAL' | 'BOOL' | 'JSON' for one LogRecord field type."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            tp = args[0]
+    if tp is bool:
+        return "BOOL"
+    if tp in _SCALARS:
+        return _SCALARS[tp]
+    return "JSON"
+
+
+FIELDS = msgspec.structs.fields(LogRecord)
+COLUMNS = tuple(f.name for f in FIELDS)
+KINDS = {f.name: _column_kind(f.type) for f in FIELDS}
+JSON_COLUMNS = tuple(name for name in COLUMNS if KINDS[name] == "JSON")
+BOOL_COLUMNS = tuple(name for name in COLUMNS if KINDS[name] == "BOOL")
+_JSON_POSITIONS = tuple(i for i, name in enumerate(COLUMNS) if KINDS[name] == "JSON")
+_SQL_TYPES = {"TEXT": "TEXT", "INTEGER": "INTEGER", "REAL": "REAL", "BOOL": "INTEGER", "JSON": "TEXT"}
+
+_INSERT = (
+    f"INSERT OR IGNORE INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+)
+
+
+def _column_def(name: str) -> str:
+    sql_type = _SQL_TYPES[KINDS[name]]
+    return f"{name} {sql_type} PRIMARY KEY" if name == "unique_id" else f"{name} {sql_type}"
+
+
+def _dumps(value: Any) -> str:
+    # `default` covers msgspec Structs that end up inside Any-typed fields.
+    return orjson.dumps(value, default=msgspec.to_builtins).decode()
+
+
+def _row(record: LogRecord) -> list[Any]:
+    row = list(msgspec.structs.astuple(record))
+    for i in _JSON_POSITIONS:
+        if row[i] is not None:
+            row[i] = _dumps(row[i])
+    return row  # bools go in as 0/1: bool is an int subclass
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    # timeout = busy wait: several gateway workers may share one database file.
+    conn = sqlite3.connect(path, timeout=10.0)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        with conn:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} ({', '.join(map(_column_def, COLUMNS))})")
+            # A table made by an older LogRecord gains the new columns.
+            existing = {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})")}
+            for name in COLUMNS:
+                if name not in existing:
+                    conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN {_column_def(name)}")
+            for name in INDEXED:
+                conn.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_{name} ON {TABLE} ({name})")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class SQLiteSink:
+    """Writes batches with INSERT OR IGNORE on unique_id, so a replayed record lands once.
+
+    All sqlite work runs on one dedicated thread, which owns the connection.
+    """
+
+    name = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmrelay-log-sqlite")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = _connect(str(self.path))
+
+    async def write(self, records: list[LogRecord]) -> None:
+        if records:
+            await self._run(self._write, records)
+
+    def _write(self, records: list[LogRecord]) -> None:
+        if self._conn is None:
+            raise RuntimeError(f"sqlite log sink {self.path} is not open")
+        rows = [_row(r) for r in records]
+        with self._conn:
+            self._conn.executemany(_INSERT, rows)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        try:
+            await self._run(self._close)
+        finally:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def read_records(path: str | Path, where: str = "", args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Rows of `request_logs` as dicts, JSON columns decoded and bools restored.
+
+    `where` is either a bare condition ("model = ?") or a clause starting with
+    WHERE / ORDER / LIMIT. Blocking: for tests and tools, not for the event loop.
+    """
+    clause = where.strip()
+    if clause and not clause.upper().startswith(("WHERE", "ORDER", "LIMIT")):
+        clause = f"WHERE {clause}"
+    conn = sqlite3.connect(str(path), timeout=10.0)
+    try:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(f"SELECT * FROM {TABLE} {clause}", tuple(args)).fetchall()
+    finally:
+        conn.close()
+    out = []
+    for row in rows:
+        item = dict(row)
+        for name in JSON_COLUMNS:
+            if item.get(name) is not None:
+                item[name] = orjson.loads(item[name])
+        for name in BOOL_COLUMNS:
+            if item.get(name) is not None:
+                item[name] = bool(item[name])
+        out.append(item)
+    return out

@@ -1,0 +1,158 @@
+"""A scriptable OpenAI-compatible provider on loopback, for tests.
+
+It runs an aiohttp server on its own event loop in a background thread. The upstream model name
+picks the behaviour:
+
+  mock-*            a normal answer; streams send `chunks` words, then usage if asked, then [DONE]
+  mock-status-CODE  that status with an OpenAI-shaped error body
+  mock-cut-N        a stream that sends N chunks and then drops the connection
+  mock-slow         a stream of 200 chunks, one every 50 ms (for client-disconnect tests)
+  mock-no-done      a stream that ends cleanly but without [DONE] and without a finish_reason
+  mock-tools        answers with a tool call (streamed as tool_call deltas)
+
+Every request is recorded (path, headers, JSON body); `stream_closed_early` records streams
+whose client went away before the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
+         "prompt_tokens_details": {"cached_tokens": 2}}
+WORDS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", "."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chunk(model: str, delta: dict[str, Any] | None, finish: str | None = None, index: int = 0, **extra: Any) -> bytes:
+    choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish}]
+    data = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": model,
+            "choices": choices, **extra}
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class MockUpstream:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.requests: list[dict[str, Any]] = []
+        self.stream_closed_early: list[dict[str, Any]] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> MockUpstream:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.stream_closed_early.clear()
+
+    def last(self) -> dict[str, Any]:
+        return self.requests[-1]
+
+    def wait_for_closed_stream(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.stream_closed_early:
+                return self.stream_closed_early[-1]
+            time.sleep(0.02)
+        return None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(runner.setup())
+        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json(loads=orjson.loads)
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        model: str = body.get("model", "")
+        if model.startswith("mock-status-"):
+            status = int(model.rsplit("-", 1)[1])
+            error = {"error": {"message": f"mock upstream error {status}", "type": "mock_error",
+                               "param": None, "code": f"mock_{status}"}}
+            return web.json_response(error, status=status, headers={"x-request-id": "req-mock"})
+        if body.get("stream"):
+            return await self.stream(request, body, model)
+        n = body.get("n") or 1
+        if model == "mock-tools":
+            message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]}
+            finish = "tool_calls"
+        else:
+            message = {"role": "assistant", "content": "".join(WORDS)}
+            finish = "stop"
+        data = {"id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": i, "message": message, "finish_reason": finish} for i in range(n)],
+                "usage": USAGE}
+        return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+    async def stream(self, request: web.Request, body: dict[str, Any], model: str) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        wants_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        sent = 0
+        try:
+            if model.startswith("mock-cut-"):
+                for word in WORDS[: int(model.rsplit("-", 1)[1])]:
+                    await response.write(chunk(model, {"content": word}))
+                    sent += 1
+                await asyncio.sleep(0.05)
+                request.transport.close()  # drop the connection mid-stream
+                return response
+            if model == "mock-slow":
+                for i in range(200):
+                    await response.write(chunk(model, {"content": f" w{i}"}))
+                    sent += 1
+                    await asyncio.sleep(0.05)
+            elif model == "mock-tools":
+                await response.write(chunk(model, {"role": "assistant", "content": None, "tool_calls": [
+                    {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}))
+                for part in ('{"city"', ':"Paris"}'):
+                    await response.write(chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+                await response.write(chunk(model, {}, "tool_calls"))
+            else:
+                n = body.get("n") or 1
+                await response.write(chunk(model, {"role": "assistant", "content": ""}))
+                for word in WORDS:
+                    for i in range(n):
+                        await response.write(chunk(model, {"content": word}, index=i))
+                    sent += 1
+                if model == "mock-no-done":
+                    return response
+                for i in range(n):
+                    await response.write(chunk(model, {}, "stop", index=i))
+            if wants_usage:
+                await response.write(chunk(model, None, usage=USAGE))
+            await response.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stream_closed_early.append({"model": model, "sent": sent})
+            raise
+        return response
