@@ -28,12 +28,16 @@ UPSTREAM_KEY = "sk-upstream-secret-1234567890"
 class GatewayProcess:
     """`llmrelay serve` as a child process, with its config, log database and spool in tmp_path."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None, workers: int = 1) -> None:
+    def __init__(self, config: dict[str, Any] | None, workdir: Path, env: dict[str, str] | None = None,
+                 workers: int = 1) -> None:
+        """`config` None: no --config at all (the embedded defaults)."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.config_path = workdir / "llmrelay.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
+        if config is not None:
+            self.config_path.write_text(yaml.safe_dump(config))
+        self.has_config = config is not None
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.workers = workers
         self.proc: subprocess.Popen[bytes] | None = None
@@ -49,9 +53,10 @@ class GatewayProcess:
 
     def start(self) -> GatewayProcess:
         with self.output.open("wb") as out:
+            config = ["--config", str(self.config_path)] if self.has_config else []
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(self.config_path),
-                 "--port", str(self.port), "--workers", str(self.workers)],
+                [sys.executable, "-m", "proxy.cli", "serve", *config, "--port", str(self.port),
+                 "--workers", str(self.workers)],
                 cwd=self.workdir, env=self.env, stdout=out, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 20
