@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.endpoints import chat, health, models
 from proxy.gateway import Gateway
@@ -19,7 +21,24 @@ from proxy.settings import Settings, load_settings
 CONFIG_ENV = "LLMRELAY_CONFIG"  # the CLI passes the config path to granian workers through this
 
 
-def build_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlette:
+class App:
+    """The ASGI app: the hot POST routes go straight to their handlers; the rest to Starlette."""
+
+    def __init__(self, gateway: Gateway, starlette: Starlette, fast_routes: dict[str, ASGIApp]) -> None:
+        self.gateway = gateway
+        self.starlette = starlette
+        self.fast_routes = fast_routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.fast_routes.get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)
+
+
+def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
     gateway = Gateway(settings, metrics=metrics)
 
     @contextlib.asynccontextmanager
@@ -36,16 +55,18 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlett
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
         return JSONResponse({"detail": f'Method "{request.method}" not allowed.'}, 405)
 
-    app = Starlette(
-        routes=[*chat.routes(gateway), *models.routes(gateway), *health.routes(gateway)],
+    chat_completions = chat.ChatCompletions(gateway)
+    # Declared to Starlette too, so that other methods get a 405; POSTs never get that far.
+    chat_routes = [Route(path, chat_completions, methods=["POST"]) for path in chat.PATHS]
+    starlette = Starlette(
+        routes=[*chat_routes, *models.routes(gateway), *health.routes(gateway)],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
     )
-    app.state.gateway = gateway
-    return app
+    return App(gateway, starlette, {path: chat_completions for path in chat.PATHS})
 
 
-def create_app() -> Starlette:
+def create_app() -> App:
     """Factory for granian workers: the config path comes from the environment."""
     logging.basicConfig(level=os.environ.get("LLMRELAY_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     return build_app(load_settings(os.environ.get(CONFIG_ENV) or None))

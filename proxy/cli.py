@@ -28,7 +28,7 @@ def serve(args: argparse.Namespace) -> int:
     from granian.constants import Interfaces, Loops
 
     config = str(Path(args.config).resolve()) if args.config else None
-    settings = _load(config)
+    settings = load_settings(config)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     workers = args.workers or settings.server.workers
@@ -38,10 +38,16 @@ def serve(args: argparse.Namespace) -> int:
         os.environ.pop("LLMRELAY_CONFIG", None)
     metrics_dir = None
     if workers > 1:  # prometheus-client multiprocess mode: workers share values through files
+        # Before anything imports prometheus_client (the Gateway below does): it picks its value
+        # class at import time, and granian forks the workers from this process.
         metrics_dir = tempfile.mkdtemp(prefix="llmrelay-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    print(f"llmrelay: serving {settings.source} on http://{host}:{port} with {workers} worker(s)", file=sys.stderr)
     try:
+        # Build (without serving) everything a worker builds, so stage and provider errors surface here.
+        from proxy.gateway import Gateway
+
+        Gateway(settings)
+        print(f"llmrelay: serving {settings.source} on http://{host}:{port} with {workers} worker(s)", file=sys.stderr)
         Granian(
             "proxy.app:create_app",
             factory=True,

@@ -95,8 +95,15 @@ class Gateway:
             logger.exception("unhandled error on request %s", call.id)
             reply = self.error_reply(call, InternalError())
         if reply.stream is None:
+            self.metrics.in_flight.dec()
             self.account_body(call, reply)
             self.finish(call)
+        return reply  # a stream stays in flight until relay() ends it
+
+    def reject(self, call: Call, exc: GatewayError) -> Reply:
+        """Answer a request that never reached the pipeline (unreadable body, bad params)."""
+        reply = self.error_reply(call, exc)
+        self.finish(call)
         return reply
 
     def error_reply(self, call: Call, exc: GatewayError) -> Reply:
@@ -137,7 +144,6 @@ class Gateway:
                 hook(call)
             except Exception:
                 logger.exception("finish hook failed on request %s", call.id)
-        self.metrics.in_flight.dec()
         self.metrics.observe(call)
         self.logs.put(record_for(call))
 
@@ -202,6 +208,7 @@ class Gateway:
             call.response_model = tap.model
             if not call.params.disable_log:
                 call.completion = tap.messages()
+            self.metrics.in_flight.dec()
             self.finish(call)
 
 

@@ -69,8 +69,12 @@ class Metrics:
 
     def observe(self, call: Call) -> None:
         """Record one finished request. Runs on the request path: no I/O beyond mmap writes."""
-        model = call.response_model or call.model or "unknown"
-        provider = call.target.provider if call.target is not None else "none"
+        if call.target is not None:
+            model = call.response_model or call.model or "unknown"
+            provider = call.target.provider
+        else:  # never routed (bad key, unknown model, bad body): the requested name is the client's
+            # text, and a label per value would let anyone, even without a key, grow /metrics forever
+            model = provider = "none"
         key = (model, provider, call.status_code)
         children = self._children.get(key)
         if children is None:

@@ -7,6 +7,7 @@ providers see UpstreamClient and UpstreamResponse only.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import urlsplit
 
@@ -118,7 +119,13 @@ class UpstreamClient:
         try:
             response = await session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
         except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror if exc.os_error and exc.os_error.strerror else type(exc).__name__
+            # asyncio's strerror for a refused or unreachable host is "Connect call failed (host, port)":
+            # name the errno instead ("connection refused"). DNS errors (negative errno) keep their text.
+            error = exc.os_error
+            if error is not None and isinstance(error.errno, int) and error.errno > 0:
+                reason = os.strerror(error.errno)
+            else:
+                reason = error.strerror if error is not None and error.strerror else type(exc).__name__
             raise UpstreamUnavailable(
                 f"Could not connect to provider '{provider}' at {safe_origin(url)}: {reason.lower()}"
             ) from None

@@ -1,27 +1,12 @@
-"""Reading and parsing a request body once, within the configured size limit."""
+"""Parsing a request body once."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
-from starlette.requests import Request
 
-from proxy.errors import BadRequest, PayloadTooLarge
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body of {declared} bytes is over the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+from proxy.errors import BadRequest
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:

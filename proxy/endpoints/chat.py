@@ -1,19 +1,28 @@
-"""POST /api/chat/completions (and its /api/v1 and /v1 spellings): the unified router."""
+"""POST /api/chat/completions (and its /api/v1 and /v1 spellings): the unified router.
+
+This is the hot path, so it is a plain ASGI app: no Request/Response objects and no middleware
+between granian and the Gateway (about 40 us of CPU per request less than a Starlette endpoint).
+"""
 
 from __future__ import annotations
 
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+import asyncio
+import logging
+from typing import Any
 
-from proxy.call import Call
-from proxy.endpoints.body import parse_object, read_body
-from proxy.errors import BadRequest, GatewayError, ValidationFailed
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
+
+from proxy.call import Call, Reply
+from proxy.endpoints.body import parse_object
+from proxy.errors import BadRequest, GatewayError, InternalError, PayloadTooLarge, ValidationFailed
 from proxy.gateway import Gateway
 from proxy.params import EMPTY, ParamsError, split_params
 
 PATHS = ("/api/chat/completions", "/api/v1/chat/completions", "/v1/chat/completions")
-STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+logger = logging.getLogger("llmrelay")
 
 
 def read_call(call: Call, raw: bytes) -> None:
@@ -41,30 +50,102 @@ def read_call(call: Call, raw: bytes) -> None:
         raise BadRequest("Invalid request format: `messages` is required and must be an array")
 
 
-def routes(gateway: Gateway) -> list[Route]:
-    limit = gateway.settings.server.max_body_bytes
+async def read_body(headers: Headers, receive: Receive, limit: int) -> bytes:
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body of {declared} bytes is over the limit of {limit} bytes")
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise BadRequest("Invalid request format: the client closed the connection before sending the body")
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise PayloadTooLarge(f"Request body is over the limit of {limit} bytes")
+        if not message.get("more_body", False):
+            return body
 
-    async def chat_completions(request: Request) -> Response:
-        call = Call(
-            endpoint="chat",
-            path=request.url.path,
-            body={},
-            params=EMPTY,
-            headers=request.headers,
-            client_ip=request.client.host if request.client else None,
-        )
+
+def _raw_headers(headers: dict[str, str], media_type: str) -> list[tuple[bytes, bytes]]:
+    raw = [(b"content-type", media_type.encode("latin-1"))]
+    raw.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
+    return raw
+
+
+class ChatCompletions:
+    """The ASGI app behind PATHS."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.limit = gateway.settings.server.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = self.gateway
+        headers = Headers(scope=scope)
+        client = scope.get("client")
+        call = Call(endpoint="chat", path=scope["path"], body={}, params=EMPTY, headers=headers,
+                    client_ip=client[0] if client else None)
         try:
-            read_call(call, await read_body(request, limit))
+            read_call(call, await read_body(headers, receive, self.limit))
         except GatewayError as exc:
-            reply = gateway.error_reply(call, exc)
-            gateway.metrics.in_flight.inc()  # finish() decrements it
-            gateway.finish(call)
-            return Response(reply.body, reply.status, gateway.response_headers(call, reply), "application/json")
+            await self.send_whole(call, gateway.reject(call, exc), send)
+            return
+        except Exception:
+            logger.exception("unhandled error reading request %s", call.id)
+            await self.send_whole(call, gateway.reject(call, InternalError()), send)
+            return
         reply = await gateway.handle(call)
-        headers = gateway.response_headers(call, reply)
         if reply.stream is None:
-            return Response(reply.body, reply.status, headers, reply.media_type)
-        headers.update(STREAM_HEADERS)
-        return StreamingResponse(gateway.relay(call, reply.stream), reply.status, headers, "text/event-stream")
+            await self.send_whole(call, reply, send)
+        else:
+            await self.send_stream(call, reply, receive, send)
 
-    return [Route(path, chat_completions, methods=["POST"]) for path in PATHS]
+    async def send_whole(self, call: Call, reply: Reply, send: Send) -> None:
+        raw = _raw_headers(self.gateway.response_headers(call, reply), reply.media_type)
+        raw.append((b"content-length", str(len(reply.body)).encode()))
+        await send({"type": "http.response.start", "status": reply.status, "headers": raw})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def send_stream(self, call: Call, reply: Reply, receive: Receive, send: Send) -> None:
+        """Relay chunk by chunk. A client that leaves cancels the relay at once, wherever it waits."""
+        assert reply.stream is not None
+        raw = _raw_headers(self.gateway.response_headers(call, reply), "text/event-stream")
+        raw.extend(STREAM_HEADERS)
+        relay = self.gateway.relay(call, reply.stream)
+        task = asyncio.current_task()
+        disconnected = False
+
+        async def watch_disconnect() -> None:
+            nonlocal disconnected
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected = True
+                    if task is not None:
+                        task.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            await send({"type": "http.response.start", "status": reply.status, "headers": raw})
+            async for data in relay:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+            if task is not None:
+                task.uncancel()
+        except OSError:  # the server could not write: the client is gone
+            pass
+        finally:
+            watcher.cancel()
+            await _close(relay)
+
+
+async def _close(relay: Any) -> None:
+    """Close the relay generator; its cleanup closes the upstream request and logs the Call."""
+    try:
+        await relay.aclose()
+    except Exception:
+        logger.exception("closing a stream relay failed")

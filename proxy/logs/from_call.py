@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
+
 from proxy.call import Call
 from proxy.logs.record import LogRecord
 
@@ -23,7 +25,9 @@ def record_for(call: Call) -> LogRecord:
     target = call.target
     metadata = params.metadata
     if params.extra:  # unknown respan_params keys land in metadata, as the exporters expect
-        metadata = {**{k: v if isinstance(v, str) else str(v) for k, v in params.extra.items()}, **(metadata or {})}
+        # stored as strings the way `metadata` values are (JSON text, never a Python repr)
+        extra = {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in params.extra.items()}
+        metadata = {**extra, **(metadata or {})}
     record = LogRecord(
         unique_id=call.id,
         gateway_request_id=call.request_id,
