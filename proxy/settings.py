@@ -203,7 +203,9 @@ def check(settings: Settings) -> None:
             raise ConfigError(f"{where}.id: duplicate provider id {p.id!r}")
         seen.add(p.id)
         if p.base_url and not p.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}.base_url: expected an http:// or https:// URL, got {p.base_url!r}")
+            raise ConfigError(f"{where}.base_url: expected an http:// or https:// URL")
+        if "@" in p.base_url.partition("://")[2].partition("/")[0]:
+            raise ConfigError(f"{where}.base_url: credentials in the URL are not supported; use api_key or headers")
     names: set[str] = set()
     for i, m in enumerate(settings.models):
         where = f"{src}: $.models[{i}]"

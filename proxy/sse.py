@@ -52,14 +52,19 @@ class ChatStreamTap:
         if end + 2 < len(data):
             self._tail = data[end + 2:]
             data = data[: end + 2]
+        if data.count(b"\n\n") == 1:  # the usual case: one event per upstream read
+            return b"" if self._scan(data[:-2]) else data
+        kept: list[bytes] = []
         hidden = False
-        events = data.split(b"\n\n")
-        for event in events:
-            if event and self._scan(event):
-                hidden = True
+        for event in data.split(b"\n\n"):
+            if event:
+                if self._scan(event):
+                    hidden = True
+                else:
+                    kept.append(event)
         if not hidden:
             return data
-        return b"".join(e + b"\n\n" for e in events if e and not self._hidden(e))
+        return b"".join(e + b"\n\n" for e in kept)
 
     def flush(self) -> bytes:
         """At the end of the upstream stream: whatever partial event is left."""
@@ -75,16 +80,6 @@ class ChatStreamTap:
             return event[6:]
         lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
         return b"\n".join(lines) if lines else None
-
-    def _hidden(self, event: bytes) -> bool:
-        payload = self._payload(event)
-        if not payload or payload == DONE or b'"usage"' not in payload:
-            return False
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return False
-        return isinstance(obj, dict) and not obj.get("choices") and isinstance(obj.get("usage"), dict)
 
     def _scan(self, event: bytes) -> bool:
         """Read one event; True if it is the usage-only chunk to hide from this client."""

@@ -20,6 +20,7 @@ from proxy.gateway import Gateway
 from proxy.params import EMPTY, ParamsError, split_params
 
 PATHS = ("/api/chat/completions", "/api/v1/chat/completions", "/v1/chat/completions")
+DONE_EVENT = b"data: [DONE]\n\n"
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 logger = logging.getLogger("llmrelay")
@@ -128,9 +129,15 @@ class ChatCompletions:
         watcher = asyncio.ensure_future(watch_disconnect())
         try:
             await send({"type": "http.response.start", "status": reply.status, "headers": raw})
-            async for data in relay:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            ended = False
+            async for data in relay:  # run the relay to its end, so it accounts the whole stream
+                if ended:
+                    continue
+                # nothing follows [DONE]: end the response with it, saving one send
+                ended = data.endswith(DONE_EVENT)
+                await send({"type": "http.response.body", "body": data, "more_body": not ended})
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not disconnected:
                 raise

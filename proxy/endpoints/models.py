@@ -30,6 +30,7 @@ def routes(gateway: Gateway) -> list[Route]:
 
     return [
         Route("/api/models/public", public_models, methods=["GET"]),
+        Route("/api/models", openai_models, methods=["GET"]),  # the OpenAI SDK with base_url .../api
         Route("/api/v1/models", openai_models, methods=["GET"]),
         Route("/v1/models", openai_models, methods=["GET"]),
     ]
