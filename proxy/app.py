@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -44,6 +47,7 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
+        watch_shutdown_signals(gateway)
         try:
             yield
         finally:
@@ -64,6 +68,23 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
         exception_handlers={404: not_found, 405: method_not_allowed},
     )
     return App(gateway, starlette, {path: chat_completions for path in chat.PATHS})
+
+
+def watch_shutdown_signals(gateway: Gateway) -> None:
+    """Start the stream deadline when the server is told to stop.
+
+    granian handles SIGTERM/SIGINT through the event loop's signal wakeup fd; a Python-level
+    handler installed here runs as well, without taking that away from granian.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # in-process test servers: no signals to watch
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int, frame: object) -> None:
+        loop.call_soon_threadsafe(gateway.begin_shutdown)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
 
 
 def create_app() -> App:

@@ -58,7 +58,8 @@ def serve(args: argparse.Namespace) -> int:
             loop=Loops.uvloop,
             log_access=False,
             backlog=2048,
-            workers_kill_timeout=int(settings.server.shutdown_timeout) + 5,
+            # streams end at shutdown_timeout (the worker enforces it); then the log queue drains
+            workers_kill_timeout=int(settings.server.shutdown_timeout) + 15,
         ).serve()
     finally:
         if metrics_dir:

@@ -7,6 +7,7 @@ exactly once per Call, whether it ended in an answer, an error or a client that 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,8 @@ from proxy.sse import ChatStreamTap, error_event
 from proxy.upstream import UpstreamClient, UpstreamStreamError
 
 logger = logging.getLogger("llmrelay")
+SHUTDOWN = "llmrelay: shutdown deadline"  # the cancel message that ends a stream at shutdown
+STREAM_CUT_AT_SHUTDOWN = "the gateway shut down before the stream finished"
 
 
 class Gateway:
@@ -52,11 +55,26 @@ class Gateway:
         )
 
     async def start(self) -> None:
+        self.streams: set[asyncio.Task[None]] = set()  # tasks relaying a stream right now
+        self.draining = False
+        self.streams_ended = False  # the shutdown deadline passed and open streams were ended
         await self.logs.start()
         for _, stage in self.stages:
             startup = getattr(stage, "startup", None)
             if startup is not None:
                 await startup()
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: in-flight streams get `server.shutdown_timeout` seconds, then are ended."""
+        if self.draining:
+            return
+        self.draining = True
+        asyncio.get_running_loop().call_later(self.settings.server.shutdown_timeout, self._end_streams)
+
+    def _end_streams(self) -> None:
+        self.streams_ended = True
+        for task in list(self.streams):
+            task.cancel(SHUTDOWN)
 
     async def stop(self, deadline: float = 10.0) -> None:
         for _, stage in reversed(self.stages):
@@ -197,7 +215,10 @@ class Gateway:
             yield error_event(call.error)
             completed = True
         finally:
-            if not completed:  # the client went away (cancelled, or the generator was closed)
+            if not completed and self.streams_ended:
+                call.status_code = 503
+                call.error = STREAM_CUT_AT_SHUTDOWN
+            elif not completed:  # the client went away (cancelled, or the generator was closed)
                 call.status_code = 499
                 call.error = f"client disconnected after {tap.events} events"
             if tap.usage is not None:

@@ -7,6 +7,7 @@ picks the behaviour:
   mock-status-CODE  that status with an OpenAI-shaped error body
   mock-cut-N        a stream that sends N chunks and then drops the connection
   mock-slow         a stream of 200 chunks, one every 50 ms (for client-disconnect tests)
+  mock-slow-N       the same with N chunks
   mock-no-done      a stream that ends cleanly but without [DONE] and without a finish_reason
   mock-tools        answers with a tool call (streamed as tool_call deltas)
 
@@ -127,8 +128,8 @@ class MockUpstream:
                 await asyncio.sleep(0.05)
                 request.transport.close()  # drop the connection mid-stream
                 return response
-            if model == "mock-slow":
-                for i in range(200):
+            if model.startswith("mock-slow"):
+                for i in range(int(model.rsplit("-", 1)[1]) if model.count("-") == 2 else 200):
                     await response.write(chunk(model, {"content": f" w{i}"}))
                     sent += 1
                     await asyncio.sleep(0.05)
@@ -152,7 +153,7 @@ class MockUpstream:
             if wants_usage:
                 await response.write(chunk(model, None, usage=USAGE))
             await response.write(b"data: [DONE]\n\n")
+            return response
         except (ConnectionResetError, asyncio.CancelledError):
             self.stream_closed_early.append({"model": model, "sent": sent})
-            raise
         return response

@@ -7,6 +7,7 @@ between granian and the Gateway (about 40 us of CPU per request less than a Star
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -16,8 +17,9 @@ from starlette.types import Receive, Scope, Send
 from proxy.call import Call, Reply
 from proxy.endpoints.body import parse_object
 from proxy.errors import BadRequest, GatewayError, InternalError, PayloadTooLarge, ValidationFailed
-from proxy.gateway import Gateway
+from proxy.gateway import SHUTDOWN, STREAM_CUT_AT_SHUTDOWN, Gateway
 from proxy.params import EMPTY, ParamsError, split_params
+from proxy.sse import error_event
 
 PATHS = ("/api/chat/completions", "/api/v1/chat/completions", "/v1/chat/completions")
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -127,6 +129,9 @@ class ChatCompletions:
                     return
 
         watcher = asyncio.ensure_future(watch_disconnect())
+        streams = self.gateway.streams
+        if task is not None:
+            streams.add(task)
         try:
             await send({"type": "http.response.start", "status": reply.status, "headers": raw})
             ended = False
@@ -138,14 +143,19 @@ class ChatCompletions:
                 await send({"type": "http.response.body", "body": data, "more_body": not ended})
             if not ended:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not disconnected:
-                raise
-            if task is not None:
+        except asyncio.CancelledError as exc:
+            if task is not None and (disconnected or SHUTDOWN in exc.args):
                 task.uncancel()
+            else:
+                raise
+            if not disconnected:  # the shutdown deadline passed: say so, then end the stream
+                event = error_event(STREAM_CUT_AT_SHUTDOWN, type="shutdown", code=503)
+                with contextlib.suppress(OSError):
+                    await send({"type": "http.response.body", "body": event, "more_body": False})
         except OSError:  # the server could not write: the client is gone
             pass
         finally:
+            streams.discard(task)  # type: ignore[arg-type]
             watcher.cancel()
             await _close(relay)
 
