@@ -22,6 +22,7 @@ from prometheus_client import multiprocess as prom_multiprocess
 from proxy.call import Call
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+MAX_MODEL_LABELS = 500
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 
@@ -66,6 +67,9 @@ class Metrics:
         )
         # labels() costs a dict lookup plus locking; keep the children we have seen.
         self._children: dict[tuple[str, str, int], tuple] = {}
+        # Every label value lives in the registry for good: past this many model names, new
+        # ones are counted as "other", so no client can grow /metrics without bound.
+        self._models: set[str] = set()
 
     def observe(self, call: Call) -> None:
         """Record one finished request. Runs on the request path: no I/O beyond mmap writes."""
@@ -75,11 +79,14 @@ class Metrics:
         else:  # never routed (bad key, unknown model, bad body): the requested name is the client's
             # text, and a label per value would let anyone, even without a key, grow /metrics forever
             model = provider = "none"
+        if model not in self._models:
+            if len(self._models) >= MAX_MODEL_LABELS:
+                model = "other"
+            else:
+                self._models.add(model)
         key = (model, provider, call.status_code)
         children = self._children.get(key)
         if children is None:
-            if len(self._children) > 10_000:  # unbounded label sets would leak memory
-                self._children.clear()
             children = (
                 self.requests.labels(model, provider, str(call.status_code)),
                 self.latency.labels(model, provider),

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 
-class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+class LogRecord(msgspec.Struct, kw_only=True):
     unique_id: str
     gateway_request_id: str | None = None
     log_type: str = "chat"
