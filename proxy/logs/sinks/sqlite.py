@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import types
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin
+from typing import Any, Union, get_args, get_origin
 
 import msgspec
 import orjson
 
 from proxy.logs.record import LogRecord
-
-T = TypeVar("T")
+from proxy.logs.sinks.threaded import ThreadedSink
 
 TABLE = "request_logs"
 INDEXED = ("timestamp", "customer_identifier", "model", "status_code", "thread_identifier")
@@ -88,7 +85,7 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-class SQLiteSink:
+class SQLiteSink(ThreadedSink):
     """Writes batches with INSERT OR IGNORE on unique_id, so a replayed record lands once.
 
     All sqlite work runs on one dedicated thread, which owns the connection.
@@ -97,26 +94,14 @@ class SQLiteSink:
     name = "sqlite"
 
     def __init__(self, path: str | Path) -> None:
+        super().__init__()
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
-        self._executor: ThreadPoolExecutor | None = None
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmrelay-log-sqlite")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    async def open(self) -> None:
-        await self._run(self._open)
 
     def _open(self) -> None:
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = _connect(str(self.path))
-
-    async def write(self, records: list[LogRecord]) -> None:
-        if records:
-            await self._run(self._write, records)
 
     def _write(self, records: list[LogRecord]) -> None:
         if self._conn is None:
@@ -124,15 +109,6 @@ class SQLiteSink:
         rows = [_row(r) for r in records]
         with self._conn:
             self._conn.executemany(_INSERT, rows)
-
-    async def close(self) -> None:
-        if self._executor is None:
-            return
-        try:
-            await self._run(self._close)
-        finally:
-            self._executor.shutdown(wait=False)
-            self._executor = None
 
     def _close(self) -> None:
         if self._conn is not None:

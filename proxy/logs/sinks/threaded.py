@@ -1,0 +1,51 @@
+"""A sink whose blocking file work runs on one dedicated thread, never on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from proxy.logs.record import LogRecord
+
+T = TypeVar("T")
+
+
+class ThreadedSink:
+    """Subclasses implement the blocking `_open`, `_write` and `_close`; the thread owns their state."""
+
+    name = "threaded"
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llmrelay-log-{self.name}")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    async def write(self, records: list[LogRecord]) -> None:
+        if records:
+            await self._run(self._write, records)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        try:
+            await self._run(self._close)
+        finally:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _write(self, records: list[LogRecord]) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
