@@ -23,8 +23,6 @@ from proxy.metrics import Metrics
 
 log = logging.getLogger("llmrelay.logs")
 
-_WAKE = object()  # put by stop() to end the writer's wait for a first record
-
 
 class _SinkState:
     def __init__(self, sink: Sink) -> None:
@@ -53,14 +51,14 @@ class LogQueue:
         self._names = names
         self._metrics = metrics
         self._spool = Spool(spool_dir, metrics)
-        self._queue: asyncio.Queue[LogRecord | object] = asyncio.Queue(maxsize)
+        self._queue: asyncio.Queue[LogRecord] = asyncio.Queue(maxsize)
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._replay_interval = replay_interval
         self._closing = False
         self._stopped = False
         self._task: asyncio.Task[None] | None = None
-        self._collecting: list[LogRecord] = []  # the batch being gathered, spooled if cancelled
+        self._ready = asyncio.Event()  # a full batch is waiting, or stop() wants the writer
 
     @property
     def depth(self) -> int:
@@ -71,6 +69,8 @@ class LogQueue:
         if not self._closing:
             try:
                 self._queue.put_nowait(record)
+                if self._queue.qsize() >= self._batch_size:
+                    self._ready.set()
                 return
             except asyncio.QueueFull:
                 pass
@@ -92,8 +92,7 @@ class LogQueue:
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
         if self._task is not None:
-            with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(_WAKE)
+            self._ready.set()
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), deadline)
             except TimeoutError:
@@ -132,49 +131,27 @@ class LogQueue:
                 if not self._closing and loop.time() >= next_replay:
                     await self._replay_all()
                     next_replay = loop.time() + self._replay_interval
-            except asyncio.CancelledError:
-                batch, self._collecting = self._collecting, []
-                self._spool.append(self._names, batch)
-                raise
-            except Exception:
+            except Exception:  # (a cancelled _write spools the batch it was cut off in)
                 # _write and _replay_all handle sink errors; this is a bug or a spool failure.
                 log.exception("log writer error")
                 await asyncio.sleep(self._flush_interval)
 
     async def _next_batch(self, wait_until: float) -> list[LogRecord]:
-        """Up to batch_size records: waits until `wait_until` (loop time) at most for the
-        first, then at most flush_interval for the batch to fill."""
-        batch = self._collecting = []
-        q = self._queue
-        try:
-            async with asyncio.timeout_at(wait_until):
-                first = await q.get()
-        except TimeoutError:
-            return batch
-        if first is not _WAKE:
-            batch.append(first)  # type: ignore[arg-type]
-        flush_at = asyncio.get_running_loop().time() + self._flush_interval
-        try:
-            async with asyncio.timeout_at(flush_at):
-                while True:
-                    batch.extend(self._drain_nowait(self._batch_size - len(batch)))
-                    if len(batch) >= self._batch_size or self._closing:
-                        break
-                    item = await q.get()
-                    if item is not _WAKE:
-                        batch.append(item)  # type: ignore[arg-type]
-        except TimeoutError:
-            pass
-        self._collecting = []
-        return batch
+        """Up to batch_size records, once a full batch waits or flush_interval has passed
+        (never later than `wait_until`). The writer wakes per batch, not per record."""
+        if self._queue.qsize() < self._batch_size and not self._closing:
+            self._ready.clear()
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(min(loop.time() + self._flush_interval, wait_until)):
+                    await self._ready.wait()
+        return self._drain_nowait(self._batch_size)
 
     def _drain_nowait(self, limit: int | None = None) -> list[LogRecord]:
         out: list[LogRecord] = []
         q = self._queue
         while (limit is None or len(out) < limit) and not q.empty():
-            item = q.get_nowait()
-            if item is not _WAKE:
-                out.append(item)  # type: ignore[arg-type]
+            out.append(q.get_nowait())
         return out
 
     async def _write(self, batch: list[LogRecord]) -> None:
