@@ -1,0 +1,116 @@
+"""Run one load burst with wrk (non-stream) or stream_client.py (SSE) and return its figures.
+
+Both clients run as child processes pinned with taskset; their CPU comes from
+``getrusage(RUSAGE_CHILDREN)`` around the run, so every result says how busy the client was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+WRK_SCRIPT = HERE / "wrk_post.lua"
+STREAM_CLIENT = HERE / "stream_client.py"
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    errors: int
+    wall_s: float
+    latency_ms: dict[str, float]
+    ttft_ms: dict[str, float] | None = None
+    client_cpu_s: float = 0.0
+    error_sample: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def client_cpu_util(self) -> float:
+        return self.client_cpu_s / self.wall_s if self.wall_s else 0.0
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _pinned(cmd: list[str], core: int | None) -> list[str]:
+    if core is None or shutil.which("taskset") is None:
+        return cmd
+    return ["taskset", "-c", str(core), *cmd]
+
+
+def _run(cmd: list[str], env: dict[str, str] | None, timeout: float) -> tuple[str, float, float]:
+    cpu0 = _children_cpu()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    wall = time.perf_counter() - t0
+    cpu = _children_cpu() - cpu0
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+        )
+    return proc.stdout, cpu, wall
+
+
+def wrk_available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def run_wrk(
+    url: str, body: str, token: str | None, concurrency: int, duration: float, core: int | None
+) -> LoadResult:
+    """A closed-loop wrk run: one thread, ``concurrency`` keep-alive connections."""
+    env = dict(os.environ, WRK_BODY=body, WRK_AUTH=token or "")
+    seconds = max(1, round(duration))
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url]
+    out, cpu, _ = _run(_pinned(cmd, core), env, timeout=seconds + 30)
+    line = next((ln for ln in out.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    data = json.loads(line.removeprefix("WRK_JSON "))
+    errors = data["errors"]
+    failed = errors["connect"] + errors["read"] + errors["write"] + errors["timeout"] + errors["status"]
+    return LoadResult(
+        requests=data["requests"] - errors["status"],
+        errors=failed,
+        wall_s=data["duration_us"] / 1e6,
+        latency_ms=data["latency_ms"],
+        client_cpu_s=cpu,
+        error_sample=f"wrk errors: {errors}" if failed else "",
+    )
+
+
+def run_stream_client(
+    url: str, body: str, token: str | None, concurrency: int, duration: float, core: int | None
+) -> LoadResult:
+    """A closed-loop run of stream_client.py (TTFT and total time per request)."""
+    cmd = [sys.executable, str(STREAM_CLIENT), "--url", url, "--body", body]
+    cmd += ["-c", str(concurrency), "-d", str(duration)]
+    if token:
+        cmd += ["-H", f"Authorization: Bearer {token}"]
+    out, cpu, _ = _run(_pinned(cmd, core), None, timeout=duration + 60)
+    data = json.loads(out)
+    return LoadResult(
+        requests=data["requests"],
+        errors=data["errors"],
+        wall_s=data["wall_s"],
+        latency_ms=data["latency_ms"],
+        ttft_ms=data.get("ttft_ms"),
+        client_cpu_s=cpu,
+        error_sample=data.get("error_sample", ""),
+        extra={"events_per_stream": data.get("events_per_stream")},
+    )

@@ -1,0 +1,27 @@
+-- wrk script: POST a fixed JSON body and print a JSON summary line at the end.
+-- The body and the Authorization header come from the environment:
+--   WRK_BODY  the request body (JSON)
+--   WRK_AUTH  optional bearer token
+wrk.method = "POST"
+wrk.body = os.getenv("WRK_BODY") or "{}"
+wrk.headers["Content-Type"] = "application/json"
+local auth = os.getenv("WRK_AUTH")
+if auth and auth ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. auth
+end
+
+local function ms(us)
+  return us / 1000.0
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests": %d, "duration_us": %d, "bytes": %d, ' ..
+    '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
+    '"latency_ms": {"p50": %.4f, "p90": %.4f, "p99": %.4f, "max": %.4f, "mean": %.4f}}\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    ms(latency:percentile(50)), ms(latency:percentile(90)), ms(latency:percentile(99)),
+    ms(latency.max), ms(latency.mean)))
+end
