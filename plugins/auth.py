@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import UTC, datetime
+import math
+import time
+from datetime import UTC
 from typing import Any
 
 from proxy.call import Call, KeyInfo, Reply
@@ -26,24 +28,30 @@ def presented_key(headers: Any) -> str | None:
     return headers.get("x-api-key") or headers.get("x-goog-api-key") or None
 
 
+def _expiry(key: ApiKey) -> float:
+    """Unix seconds after which the key is refused (a naive datetime is UTC)."""
+    if key.expires_at is None:
+        return math.inf
+    expires = key.expires_at if key.expires_at.tzinfo else key.expires_at.replace(tzinfo=UTC)
+    return expires.timestamp()
+
+
 class AuthStage:
     def __init__(self, keys: list[ApiKey]) -> None:
-        # digest -> (digest bytes for the constant-time compare, key record)
-        self._keys: dict[str, tuple[bytes, ApiKey, KeyInfo]] = {}
+        # digest -> (digest bytes for the constant-time compare, expiry, who)
+        self._keys: dict[str, tuple[bytes, float, KeyInfo]] = {}
         for k in keys:
             digest = k.key_hash.removeprefix("sha256:")
-            self._keys[digest] = (digest.encode(), k, KeyInfo(name=k.name, environment=k.environment))
+            self._keys[digest] = (digest.encode(), _expiry(k), KeyInfo(name=k.name, environment=k.environment))
 
     def identify(self, key: str) -> KeyInfo:
         digest = hashlib.sha256(key.encode()).hexdigest()
         found = self._keys.get(digest)
         if found is None or not hmac.compare_digest(found[0], digest.encode()):
             raise Unauthorized()
-        _, record, info = found
-        if record.expires_at is not None:
-            expires = record.expires_at if record.expires_at.tzinfo else record.expires_at.replace(tzinfo=UTC)
-            if expires <= datetime.now(UTC):
-                raise Unauthorized()
+        _, expires, info = found
+        if time.time() >= expires:
+            raise Unauthorized()
         return info
 
     async def __call__(self, call: Call, next: Next) -> Reply:

@@ -11,9 +11,44 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import orjson
 
 DONE = b"[DONE]"
+
+
+# Only the fields the tap reads: msgspec skips the rest without building objects for them.
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int | None = None
+    id: str | None = None
+    function: _Function | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
+    reasoning_content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    model: str | None = None
+    choices: list[_Choice] | None = None
+    usage: dict[str, Any] | None = None
+    error: Any = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
 
 
 class ChatStreamTap:
@@ -91,61 +126,51 @@ class ChatStreamTap:
             self.done = True
             return False
         try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            self.malformed += 1
+            chunk = _decode_chunk(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.malformed += 1  # forwarded unchanged all the same
             return False
-        if not isinstance(obj, dict):
-            self.malformed += 1
-            return False
-        if "error" in obj and obj["error"]:
-            self.error = obj["error"]
-        if self.model is None and isinstance(obj.get("model"), str):
-            self.model = obj["model"]
-        choices = obj.get("choices")
+        if chunk.error:
+            self.error = chunk.error
+        if self.model is None and chunk.model:
+            self.model = chunk.model
+        choices = chunk.choices
         if choices:
             for choice in choices:
-                if isinstance(choice, dict):
-                    self._choice(choice)
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
+                self._choice(choice)
+        if chunk.usage is not None:
+            self.usage = chunk.usage
             return self.hide_usage_chunk and not choices
         return False
 
-    def _choice(self, choice: dict[str, Any]) -> None:
-        index = choice.get("index", 0) if isinstance(choice.get("index"), int) else 0
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            content = delta.get("content")
-            tool_calls = delta.get("tool_calls")
-            if content or tool_calls or delta.get("reasoning_content"):
+    def _choice(self, choice: _Choice) -> None:
+        delta = choice.delta
+        if delta is not None:
+            content = delta.content
+            tool_calls = delta.tool_calls
+            if content or tool_calls or delta.reasoning_content:
                 self.saw_content = True
                 self.content_deltas += 1
             if self.keep_content:
                 if content:
-                    self._content.setdefault(index, []).append(content)
-                if isinstance(tool_calls, list):
-                    self._merge_tools(index, tool_calls)
-        reason = choice.get("finish_reason")
-        if reason:
-            self.finish_reasons[index] = reason
+                    self._content.setdefault(choice.index, []).append(content)
+                if tool_calls:
+                    self._merge_tools(choice.index, tool_calls)
+        if choice.finish_reason:
+            self.finish_reasons[choice.index] = choice.finish_reason
 
-    def _merge_tools(self, index: int, deltas: list[Any]) -> None:
+    def _merge_tools(self, index: int, deltas: list[_ToolCallDelta]) -> None:
         calls = self._tools.setdefault(index, {})
         for d in deltas:
-            if not isinstance(d, dict):
-                continue
-            slot = calls.setdefault(d.get("index", len(calls)), {"id": None, "type": "function",
-                                                                   "function": {"name": "", "arguments": ""}})
-            if d.get("id"):
-                slot["id"] = d["id"]
-            fn = d.get("function")
-            if isinstance(fn, dict):
-                if fn.get("name"):
-                    slot["function"]["name"] += fn["name"]
-                if fn.get("arguments"):
-                    slot["function"]["arguments"] += fn["arguments"]
+            slot = calls.setdefault(d.index if d.index is not None else len(calls),
+                                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            if d.id:
+                slot["id"] = d.id
+            if d.function is not None:
+                if d.function.name:
+                    slot["function"]["name"] += d.function.name
+                if d.function.arguments:
+                    slot["function"]["arguments"] += d.function.arguments
 
     def messages(self) -> list[dict[str, Any]]:
         """The assistant message of each choice, rebuilt from the deltas (for the log)."""

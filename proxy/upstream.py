@@ -85,6 +85,19 @@ class UpstreamClient:
 
     def __init__(self) -> None:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._timeouts: dict[tuple[float, float, bool], aiohttp.ClientTimeout] = {}
+
+    def _timeout(self, connect: float, read: float, stream: bool) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get((connect, read, stream))
+        if timeout is None:
+            if stream:  # a stream may run long; what we bound is the silence between chunks
+                timeout = aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
+            else:
+                timeout = aiohttp.ClientTimeout(total=read, connect=connect)
+            if len(self._timeouts) > 1000:  # per-request `timeout` params could vary without end
+                self._timeouts.clear()
+            self._timeouts[(connect, read, stream)] = timeout
+        return timeout
 
     def _session(self, provider: str, max_connections: int) -> aiohttp.ClientSession:
         session = self._sessions.get(provider)
@@ -112,10 +125,7 @@ class UpstreamClient:
         max_connections: int = 1000,
     ) -> UpstreamResponse:
         session = self._session(provider, max_connections)
-        if stream:  # a stream may run long; what we bound is the silence between chunks
-            timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
-        else:
-            timeout = aiohttp.ClientTimeout(total=read_timeout, connect=connect_timeout)
+        timeout = self._timeout(connect_timeout, read_timeout, stream)
         try:
             response = await session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
         except aiohttp.ClientConnectorError as exc:

@@ -17,6 +17,7 @@ class OpenAICompatible:
         self.timeouts = config.timeouts or timeouts
         self.upstream = upstream
         self.static_headers = {"Content-Type": "application/json", **config.headers}
+        self._headers_by_key: dict[str | None, dict[str, str]] = {}  # treated as read-only
 
     def request_body(self, call: Call, target: Target) -> bytes:
         body = call.body
@@ -33,11 +34,17 @@ class OpenAICompatible:
         return orjson.dumps(body)
 
     def request_headers(self, target: Target) -> dict[str, str]:
+        if not target.extra_headers:  # the usual case: built once per credential
+            headers = self._headers_by_key.get(target.api_key)
+            if headers is not None:
+                return headers
         headers = dict(self.static_headers)
         if target.api_key:
             headers["Authorization"] = f"Bearer {target.api_key}"
         if target.extra_headers:
             headers.update(target.extra_headers)
+        elif len(self._headers_by_key) < 1000:
+            self._headers_by_key[target.api_key] = headers
         return headers
 
     async def send(self, call: Call, target: Target) -> Reply:
