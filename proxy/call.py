@@ -26,8 +26,11 @@ class Prices(msgspec.Struct, frozen=True):
         return (uncached * self.input + cached * cached_price + usage.completion_tokens * self.output) / 1e6
 
 
-class Target(msgspec.Struct, kw_only=True):
-    """Where one attempt goes: a provider, an upstream model and the credential to use."""
+class Target(msgspec.Struct, kw_only=True, frozen=True):
+    """Where one attempt goes: a provider, an upstream model and the credential to use.
+
+    Targets are shared between requests: derive a changed one with msgspec.structs.replace.
+    """
 
     provider: str  # provider id, e.g. "openai"
     protocol: str  # wire protocol module, e.g. "openai" or "demo"
