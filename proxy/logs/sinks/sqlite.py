@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import types
 from collections.abc import Sequence
@@ -41,9 +42,22 @@ BOOL_COLUMNS = tuple(name for name in COLUMNS if KINDS[name] == "BOOL")
 _JSON_POSITIONS = tuple(i for i, name in enumerate(COLUMNS) if KINDS[name] == "JSON")
 _SQL_TYPES = {"TEXT": "TEXT", "INTEGER": "INTEGER", "REAL": "REAL", "BOOL": "INTEGER", "JSON": "TEXT"}
 
-_INSERT = (
-    f"INSERT OR IGNORE INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-)
+_ROW_PLACEHOLDERS = "(" + ", ".join("?" * len(COLUMNS)) + ")"
+
+
+STATEMENT_ROWS = (512, 128, 32, 8, 1)
+
+
+@functools.cache
+def _insert(rows: int) -> str:
+    """One INSERT for `rows` rows.
+
+    A multi-row statement is one sqlite3_step, so the writer thread gives up and takes back
+    the GIL once per statement instead of once per row: under load, executemany's per-row
+    GIL hand-offs with the event loop thread cost more than the inserts themselves.
+    """
+    values = ", ".join([_ROW_PLACEHOLDERS] * rows)
+    return f"INSERT OR IGNORE INTO {TABLE} ({', '.join(COLUMNS)}) VALUES {values}"
 
 
 def _column_def(name: str) -> str:
@@ -106,9 +120,15 @@ class SQLiteSink(ThreadedSink):
     def _write(self, records: list[LogRecord]) -> None:
         if self._conn is None:
             raise RuntimeError(f"sqlite log sink {self.path} is not open")
-        rows = [_row(r) for r in records]
+        most = max(1, self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS))
         with self._conn:
-            self._conn.executemany(_INSERT, rows)
+            start = 0
+            while start < len(records):
+                # a few fixed statement sizes, so the prepared statements stay cached
+                size = next(n for n in STATEMENT_ROWS if n <= min(most, len(records) - start))
+                params = [value for r in records[start : start + size] for value in _row(r)]
+                self._conn.execute(_insert(size), params)
+                start += size
 
     def _close(self) -> None:
         if self._conn is not None:
