@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -126,7 +126,7 @@ class Call:
         path: str,
         body: dict[str, Any],
         params: GatewayParams,
-        headers: Any,
+        headers: Mapping[str, str],
         client_ip: str | None = None,
         client_format: str = "openai",
     ) -> None:
@@ -137,7 +137,7 @@ class Call:
         self.client_format = client_format
         self.body = body  # provider params only: gateway params are already split off
         self.params = params
-        self.headers = headers  # the client's request headers (read-only mapping)
+        self.headers = headers  # the client's request headers: lower-case names (read-only)
         self.client_ip = client_ip
         self.model: str = body.get("model") or ""
         self.stream: bool = body.get("stream") is True

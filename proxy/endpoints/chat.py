@@ -11,7 +11,6 @@ import contextlib
 import logging
 from typing import Any
 
-from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from proxy.call import Call, Reply
@@ -53,7 +52,7 @@ def read_call(call: Call, raw: bytes) -> None:
         raise BadRequest("Invalid request format: `messages` is required and must be an array")
 
 
-async def read_body(headers: Headers, receive: Receive, limit: int) -> bytes:
+async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> bytes:
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body of {declared} bytes is over the limit of {limit} bytes")
@@ -84,7 +83,8 @@ class ChatCompletions:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway = self.gateway
-        headers = Headers(scope=scope)
+        # ASGI header names are lower-case; a repeated header keeps its last value
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         client = scope.get("client")
         call = Call(endpoint="chat", path=scope["path"], body={}, params=EMPTY, headers=headers,
                     client_ip=client[0] if client else None)
