@@ -42,6 +42,25 @@ class Target(msgspec.Struct, kw_only=True, frozen=True):
     prices: Prices | None = None
     timeout: float | None = None  # seconds; None: the provider's own
     extra_headers: dict[str, str] | None = None
+    requested: str = ""  # the model name this target was resolved from (credential_override's key)
+    credentials: dict[str, Any] | None = None  # a load-balance entry's credentials, for the credentials stage
+    group_id: str | None = None  # the load_balance_group that chose it
+
+    @property
+    def deployment_key(self) -> str:
+        """Identifies the deployment for cooldowns: provider id and deployment name."""
+        return f"{self.provider}/{self.deployment or self.provider}"
+
+
+class Attempt(msgspec.Struct, kw_only=True):
+    """One try of one Target, for the log's attempt list (never a secret)."""
+
+    model: str
+    provider: str
+    deployment: str | None
+    status: int
+    error: str | None = None
+    latency: float = 0.0  # seconds
 
 
 class Usage(msgspec.Struct):
@@ -115,6 +134,7 @@ class Call:
         "response_model",
         "completion",
         "finish_hooks",
+        "attempts",
         "warnings",
         "state",
     )
@@ -158,6 +178,7 @@ class Call:
         self.response_model: str | None = None  # model the upstream says served
         self.completion: Any = None  # assistant message(s) for the log
         self.finish_hooks: list[Callable[[Call], None]] = []
+        self.attempts: list[Attempt] = []  # every try, when a stage walks the plan
         self.warnings: list[str] = []  # go to the log's `warnings`
         self.state: dict[str, Any] = {}  # free-form scratch space for stages
 

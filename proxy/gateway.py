@@ -27,6 +27,7 @@ from proxy.pipeline import Stage, compose, load_stages
 from proxy.providers import build_adapters
 from proxy.settings import Settings
 from proxy.sse import ChatStreamTap, error_event
+from proxy.state.cooldowns import Cooldowns
 from proxy.upstream import UpstreamClient, UpstreamStreamError
 
 logger = logging.getLogger("llmrelay")
@@ -42,7 +43,13 @@ class Gateway:
         self.adapters = build_adapters(settings, self.upstream)
         self.models = ModelTable(settings, self.catalog)
         self.metrics = metrics if metrics is not None else Metrics()
-        self.stages: list[tuple[str, Stage]] = load_stages(settings, self.models)
+        cooldown_backend = settings.state.cooldowns
+        self.cooldowns = Cooldowns(
+            settings.cooldowns, self.metrics, cooldown_backend.url if cooldown_backend.backend == "redis" else None
+        )
+        # what stages may use besides the settings and the model table
+        services = {"metrics": self.metrics, "cooldowns": self.cooldowns}
+        self.stages: list[tuple[str, Stage]] = load_stages(settings, self.models, services)
         self.handler = compose([stage for _, stage in self.stages], self.dispatch)
         logs = settings.logs
         self.logs = LogQueue(
@@ -59,6 +66,7 @@ class Gateway:
         self.draining = False
         self.streams_ended = False  # the shutdown deadline passed and open streams were ended
         await self.logs.start()
+        await self.cooldowns.start()
         for _, stage in self.stages:
             startup = getattr(stage, "startup", None)
             if startup is not None:
@@ -85,6 +93,7 @@ class Gateway:
                 except Exception:
                     logger.exception("stage shutdown failed")
         await self.upstream.close()
+        await self.cooldowns.stop()
         await self.logs.stop(deadline)
 
     # -- the request path -------------------------------------------------------------
@@ -169,6 +178,12 @@ class Gateway:
         headers = reply.headers
         headers["x-respan-log-id"] = call.id
         headers["x-respan-gateway-request-id"] = call.request_id
+        target = call.target
+        if target is not None:
+            headers["x-llmrelay-model"] = call.response_model or target.model
+            headers["x-llmrelay-provider"] = target.provider
+            headers["x-llmrelay-deployment"] = target.deployment or target.provider
+            headers["x-llmrelay-attempts"] = str(len(call.attempts) or 1)
         overhead = max(call.elapsed() - call.upstream_time, 0.0)
         headers["x-llmrelay-overhead-ms"] = f"{overhead * 1000:.3f}"
         return headers

@@ -65,6 +65,19 @@ class Metrics:
         self.log_spool_errors = Counter(
             "llmrelay_log_spool_errors", "Failures to write the spool itself (disk full, permissions)", registry=r
         )
+        self.attempts = Counter(
+            "llmrelay_attempts", "Upstream attempts by provider and outcome (success, failure)", ["provider", "outcome"],
+            registry=r,
+        )
+        self.retries = Counter("llmrelay_retries", "Retries of the same candidate, by reason", ["reason"], registry=r)
+        self.fallbacks = Counter("llmrelay_fallbacks", "Moves to the next candidate, by reason", ["reason"], registry=r)
+        self.cooldowns_entered = Counter(
+            "llmrelay_cooldowns_entered", "Deployments taken out of rotation", ["provider", "deployment"], registry=r
+        )
+        self.deployment_cooling = Gauge(
+            "llmrelay_deployment_cooling", "1 while a deployment is in cooldown", ["provider", "deployment"],
+            registry=r, multiprocess_mode="max",
+        )
         # labels() costs a dict lookup plus locking; keep the children we have seen.
         self._children: dict[tuple[str, str, int], tuple] = {}
         # Every label value lives in the registry for good: past this many model names, new

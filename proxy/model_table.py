@@ -1,7 +1,8 @@
 """Which provider and upstream model serve a requested model name.
 
 Resolution order for a requested `model`:
-1. a configured model name or alias (config `models`);
+1. a configured model name or alias (config `models`), or an entry of config `aliases`
+   (which names a model, another alias, or a provider/model slug);
 2. a `provider/model` slug whose provider is configured (id or catalog alias);
 3. a bare catalog model name served by a configured provider (catalog order);
 4. a bare upstream model name that a configured model points at.
@@ -12,10 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from proxy.call import Prices, Target
 from proxy.catalog import Catalog
 from proxy.errors import ModelNotFound
-from proxy.settings import Provider, Settings
+from proxy.settings import ConfigError, Provider, Settings
+
+MAX_ALIAS_DEPTH = 8
 
 
 class ModelTable:
@@ -34,7 +39,24 @@ class ModelTable:
             for name in (m.name, *m.aliases):
                 self.named[name] = target
             self.upstream_names.setdefault(upstream_model, target)
+        self.aliases = dict(settings.aliases)
         self._resolved: dict[str, Target] = {}
+        for alias in self.aliases:  # a dangling or circular alias is a config error, not a 404 later
+            try:
+                self._follow(alias)
+            except ModelNotFound as exc:
+                raise ConfigError(f"{settings.source}: $.aliases.{alias}: {exc.detail}") from None
+
+    def _follow(self, name: str) -> str:
+        """The model name an alias chain ends at."""
+        seen = [name]
+        while name in self.aliases:
+            name = self.aliases[name]
+            if name in seen or len(seen) > MAX_ALIAS_DEPTH:
+                raise ModelNotFound(f"{seen[0]} (alias cycle: {' -> '.join([*seen, name])})")
+            seen.append(name)
+        self._resolve(name)
+        return name
 
     def _catalog_prices(self, provider: str, model: str) -> Prices | None:
         spec = self.catalog.models.get(f"{provider}/{model}")
@@ -42,13 +64,19 @@ class ModelTable:
 
     @staticmethod
     def _target(provider: Provider, model: str, prices: Prices | None) -> Target:
+        """The provider's own key (a deployment named after the provider), else its first deployment.
+        The credentials stage, when configured, chooses among all deployments by weight."""
+        api_key, base_url, deployment = provider.api_key, provider.base_url, provider.id
+        if api_key is None and provider.deployments:
+            first = provider.deployments[0]
+            api_key, base_url, deployment = first.api_key, first.base_url or provider.base_url, first.name
         return Target(
             provider=provider.id,
             protocol=provider.protocol,
             model=model,
-            base_url=provider.base_url,
-            api_key=provider.api_key,
-            deployment=provider.id,
+            base_url=base_url,
+            api_key=api_key,
+            deployment=deployment,
             prices=prices,
         )
 
@@ -63,11 +91,20 @@ class ModelTable:
         """The Target for a requested model. Targets are shared: copy with msgspec.structs.replace to change one."""
         target = self._resolved.get(requested)
         if target is None:
-            target = self._resolve(requested)
+            name = self._follow(requested) if requested in self.aliases else requested
+            target = msgspec.structs.replace(self._resolve(name), requested=requested)
             if len(self._resolved) > 50_000:
                 self._resolved.clear()
             self._resolved[requested] = target
         return target
+
+    def on_provider(self, target: Target, provider_id: str) -> Target:
+        """The same upstream model served by another configured provider (X-Respan-Route-Provider)."""
+        if provider_id == target.provider:
+            return target
+        provider = self.providers[provider_id]
+        pinned = self._target(provider, target.model, self._catalog_prices(provider_id, target.model) or target.prices)
+        return msgspec.structs.replace(pinned, requested=target.requested)
 
     def _resolve(self, requested: str) -> Target:
         if not requested:
@@ -94,6 +131,8 @@ class ModelTable:
         out: dict[str, dict[str, Any]] = {}
         for name, target in self.named.items():
             out[name] = self._describe(name, target)
+        for alias in self.aliases:
+            out[alias] = self._describe(alias, self.resolve(alias))
         for key, spec in self.catalog.models.items():
             if spec.provider in self.providers and key not in out:
                 out[key] = self._describe(key, self._target(

@@ -48,11 +48,23 @@ class Server(Struct):
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)  # provider defaults
 
 
+class Deployment(Struct):
+    """One credential (and optionally endpoint) of a provider; traffic splits by weight."""
+
+    name: str
+    api_key: str | None = None
+    base_url: str | None = None  # the provider's base_url when absent
+    weight: float = 1.0
+    models: list[str] | None = None  # serves only these upstream models (available_models)
+    exclude_models: list[str] = msgspec.field(default_factory=list)
+
+
 class Provider(Struct):
     id: str
     protocol: str = "openai"
     base_url: str = ""
-    api_key: str | None = None
+    api_key: str | None = None  # the provider's single deployment, named after its id
+    deployments: list[Deployment] = msgspec.field(default_factory=list)  # several keys, weighted
     timeouts: Timeouts | None = None
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     max_connections: int = 1000
@@ -99,12 +111,23 @@ class Logs(Struct):
 
 class Backend(Struct):
     backend: Literal["memory", "redis"] = "memory"
-    url: str | None = None
+    url: str | None = None  # redis://host:port/db when backend is redis
 
 
 class State(Struct):
     cache: Backend = msgspec.field(default_factory=Backend)
     counters: Backend = msgspec.field(default_factory=Backend)
+    cooldowns: Backend = msgspec.field(default_factory=Backend)
+
+
+class Cooldowns(Struct):
+    """When a deployment is taken out of rotation."""
+
+    failures: int = 3  # this many failures within `window` seconds...
+    window: float = 60.0
+    duration: float = 30.0  # ...cool it down this long (a 429's Retry-After, when given, instead)
+    max_duration: float = 300.0  # cap on a Retry-After-derived cooldown
+    statuses: list[int] = msgspec.field(default_factory=lambda: [401, 404, 408, 429, 500, 502, 503, 504])
 
 
 class Settings(Struct):
@@ -115,6 +138,9 @@ class Settings(Struct):
     pipeline: list[str | StageEntry] = msgspec.field(default_factory=lambda: ["auth"])
     logs: Logs = msgspec.field(default_factory=Logs)
     state: State = msgspec.field(default_factory=State)
+    cooldowns: Cooldowns = msgspec.field(default_factory=Cooldowns)
+    # extra model names: alias -> a configured model name, another alias, or a provider/model slug
+    aliases: dict[str, str] = msgspec.field(default_factory=dict)
     # enable catalog providers whose API key is in the environment (OPENAI_API_KEY, ...)
     auto_providers: bool = True
     source: str = "<embedded defaults>"  # where this config came from; set by the loader
@@ -215,6 +241,22 @@ def check(settings: Settings) -> None:
             if n in names:
                 raise ConfigError(f"{where}: model name or alias {n!r} is declared twice")
             names.add(n)
+    for i, p in enumerate(settings.providers):
+        names_seen: set[str] = set()
+        for j, d in enumerate(p.deployments):
+            where = f"{src}: $.providers[{i}].deployments[{j}]"
+            if d.name in names_seen:
+                raise ConfigError(f"{where}.name: duplicate deployment name {d.name!r}")
+            names_seen.add(d.name)
+            if not d.weight > 0:
+                raise ConfigError(f"{where}.weight: expected a number > 0, got {d.weight}")
+            if d.base_url and not d.base_url.startswith(("http://", "https://")):
+                raise ConfigError(f"{where}.base_url: expected an http:// or https:// URL")
+    for alias, points_to in settings.aliases.items():
+        if alias in names:
+            raise ConfigError(f"{src}: $.aliases.{alias}: {alias!r} is already a model name or alias")
+        if not points_to:
+            raise ConfigError(f"{src}: $.aliases.{alias}: expected a model name or provider/model slug")
     for i, k in enumerate(settings.keys):
         if not is_key_hash(k.key_hash):
             raise ConfigError(f"{src}: $.keys[{i}].key_hash: expected 'sha256:' followed by 64 hex digits (run `llmrelay hash-key`)")
@@ -222,6 +264,12 @@ def check(settings: Settings) -> None:
     for i, t in enumerate(types):
         if t in types[:i]:
             raise ConfigError(f"{src}: $.logs.sinks[{i}].type: a {t} sink is already declared; one sink per type")
+    if settings.cooldowns.failures < 1:
+        raise ConfigError(f"{src}: $.cooldowns.failures: expected at least 1")
+    for name in ("cache", "counters", "cooldowns"):
+        backend = getattr(settings.state, name)
+        if backend.backend == "redis" and not (backend.url or "").startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"{src}: $.state.{name}.url: expected a redis:// URL for the redis backend")
     for i, e in enumerate(settings.stage_entries()):
         if not e.name:
             raise ConfigError(f"{src}: $.pipeline[{i}]: empty stage name")

@@ -1,0 +1,1 @@
+"""Shared request-path state: embedded in memory by default, Redis when configured."""
