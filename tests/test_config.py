@@ -244,3 +244,58 @@ def test_auto_providers_respect_config(tmp_path):
     # auto_providers: false switches it off
     settings = parse_settings(minimal(), "inline.yaml", {"OPENAI_API_KEY": "env-key"})
     assert settings.provider("openai") is None
+
+
+def _table(raw: dict[str, Any]):
+    from proxy.catalog import load_catalog
+    from proxy.model_table import ModelTable
+
+    settings = parse_settings(raw, "cfg.yaml", env={})
+    return ModelTable(settings, load_catalog())
+
+
+PROVIDERS = [{"id": "p1", "base_url": "http://127.0.0.1:1/v1", "api_key": "k"},
+             {"id": "p2", "base_url": "http://127.0.0.1:2/v1",
+              "deployments": [{"name": "d1", "api_key": "k1"}, {"name": "d2", "api_key": "k2", "weight": 2}]}]
+
+
+def test_aliases_name_models_aliases_and_slugs():
+    table = _table({"providers": PROVIDERS, "models": [{"name": "fast", "provider": "p1", "model": "m-fast"}],
+                    "aliases": {"quick": "fast", "quicker": "quick", "other": "p2/m-other"}})
+    assert table.resolve("quicker").model == "m-fast" and table.resolve("quicker").requested == "quicker"
+    assert (table.resolve("other").provider, table.resolve("other").model) == ("p2", "m-other")
+    # a provider with only deployments serves with its first one when no credentials stage chooses
+    assert (table.resolve("other").deployment, table.resolve("other").api_key) == ("d1", "k1")
+    names = {m["model_name"] for m in table.public_models()}
+    assert {"fast", "quick", "quicker", "other"} <= names
+
+
+def test_alias_cycle_and_dangling_alias_are_config_errors():
+    with pytest.raises(ConfigError, match=r"cfg.yaml: \$.aliases.a: .*alias cycle: a -> b -> a"):
+        _table({"providers": PROVIDERS, "aliases": {"a": "b", "b": "a"}})
+    with pytest.raises(ConfigError, match=r"\$.aliases.x: Requested model nowhere is not available"):
+        _table({"providers": PROVIDERS, "aliases": {"x": "nowhere"}})
+
+
+def test_alias_may_not_shadow_a_model_name():
+    with pytest.raises(ConfigError, match=r"\$.aliases.fast: 'fast' is already a model name"):
+        parse_settings({"providers": PROVIDERS, "models": [{"name": "fast", "provider": "p1"}],
+                        "aliases": {"fast": "p1/x"}}, "cfg.yaml", env={})
+
+
+def test_deployment_rules():
+    bad = {"providers": [{"id": "p", "base_url": "http://h/v1",
+                          "deployments": [{"name": "a", "api_key": "k"}, {"name": "a", "api_key": "k"}]}]}
+    with pytest.raises(ConfigError, match=r"\$.providers\[0\].deployments\[1\].name: duplicate deployment name 'a'"):
+        parse_settings(bad, "cfg.yaml", env={})
+    bad["providers"][0]["deployments"] = [{"name": "a", "weight": 0}]
+    with pytest.raises(ConfigError, match=r"\$.providers\[0\].deployments\[0\].weight: expected a number > 0"):
+        parse_settings(bad, "cfg.yaml", env={})
+
+
+def test_redis_backend_needs_a_redis_url():
+    with pytest.raises(ConfigError, match=r"\$.state.cooldowns.url: expected a redis:// URL"):
+        parse_settings({"state": {"cooldowns": {"backend": "redis"}}}, "cfg.yaml", env={})
+    settings = parse_settings({"state": {"cooldowns": {"backend": "redis", "url": "redis://127.0.0.1:6379/0"}}},
+                              "cfg.yaml", env={})
+    assert settings.cooldowns.failures == 3 and settings.cooldowns.duration == 30.0
