@@ -135,7 +135,9 @@ class Settings(Struct):
     providers: list[Provider] = msgspec.field(default_factory=list)
     models: list[Model] = msgspec.field(default_factory=list)
     keys: list[ApiKey] = msgspec.field(default_factory=list)
-    pipeline: list[str | StageEntry] = msgspec.field(default_factory=lambda: ["auth"])
+    pipeline: list[str | StageEntry] = msgspec.field(
+        default_factory=lambda: ["auth", "routing", "credentials", "fallback"]
+    )
     logs: Logs = msgspec.field(default_factory=Logs)
     state: State = msgspec.field(default_factory=State)
     cooldowns: Cooldowns = msgspec.field(default_factory=Cooldowns)

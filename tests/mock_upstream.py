@@ -11,8 +11,21 @@ picks the behaviour:
   mock-no-done      a stream that ends cleanly but without [DONE] and without a finish_reason
   mock-tools        answers with a tool call (streamed as tool_call deltas)
 
-Every request is recorded (path, headers, JSON body); `stream_closed_early` records streams
-whose client went away before the end.
+Failure scenarios for fallbacks, retries and cooldowns (anything after the prefix is free text,
+so a test can make its name unique):
+
+  mock-status-429           429 without Retry-After (see mock-status-CODE); mock-status-503: persistent 503
+  mock-retry-after-S        429 with `Retry-After: S` (seconds)
+  mock-retry-after-ms-N     429 with `retry-after-ms: N`
+  mock-flaky-*              the first request for that exact model name fails with 500, later ones succeed
+  mock-headers-after-N      the response headers (stream or not) come only after N ms, then a normal answer
+  mock-first-byte-after-N   a stream whose headers come at once and whose first byte comes after N ms
+  mock-malformed            a stream with a malformed SSE chunk in the middle; it completes normally
+  mock-context-length       400 with the OpenAI error code context_length_exceeded
+  mock-stream-error-CODE    a 200 stream whose first event is `data: {"error": {..., "code": CODE}}`
+
+Every request is recorded (path, headers, JSON body) and counted per model name (`count(model)`);
+`stream_closed_early` records streams whose client went away before the end.
 """
 
 from __future__ import annotations
@@ -31,6 +44,9 @@ USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
 WORDS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", "."]
 
 
+MALFORMED = b"data: {this is not json\n\n"  # what mock-malformed sends after its third word
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,11 +60,18 @@ def chunk(model: str, delta: dict[str, Any] | None, finish: str | None = None, i
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    error = {"error": {"message": f"mock upstream error {status}: {message}", "type": "mock_error",
+                       "param": None, "code": f"mock_{status}"}}
+    return web.json_response(error, status=status, headers=headers)
+
+
 class MockUpstream:
     def __init__(self) -> None:
         self.port = free_port()
         self.requests: list[dict[str, Any]] = []
         self.stream_closed_early: list[dict[str, Any]] = []
+        self.counts: dict[str, int] = {}  # requests per upstream model name
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._ready = threading.Event()
@@ -69,6 +92,15 @@ class MockUpstream:
     def reset(self) -> None:
         self.requests.clear()
         self.stream_closed_early.clear()
+        self.counts.clear()
+
+    def count(self, model: str) -> int:
+        """Requests received so far for this upstream model name."""
+        return self.counts.get(model, 0)
+
+    def sent_with_key(self, api_key: str) -> list[dict[str, Any]]:
+        """The requests that carried `Authorization: Bearer <api_key>`."""
+        return [r for r in list(self.requests) if r["headers"].get("Authorization") == f"Bearer {api_key}"]
 
     def last(self) -> dict[str, Any]:
         return self.requests[-1]
@@ -95,11 +127,15 @@ class MockUpstream:
         body = await request.json(loads=orjson.loads)
         self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
         model: str = body.get("model", "")
+        count = self.counts[model] = self.counts.get(model, 0) + 1
         if model.startswith("mock-status-"):
             status = int(model.rsplit("-", 1)[1])
             error = {"error": {"message": f"mock upstream error {status}", "type": "mock_error",
                                "param": None, "code": f"mock_{status}"}}
             return web.json_response(error, status=status, headers={"x-request-id": "req-mock"})
+        failure = await self.failure(model, count)
+        if failure is not None:
+            return failure
         if body.get("stream"):
             return await self.stream(request, body, model)
         n = body.get("n") or 1
@@ -115,12 +151,37 @@ class MockUpstream:
                 "usage": USAGE}
         return web.Response(body=orjson.dumps(data), content_type="application/json")
 
+    async def failure(self, model: str, count: int) -> web.Response | None:
+        """The failure scenarios of the fallback tests; None: answer normally (maybe after a delay)."""
+        if model.startswith("mock-retry-after-ms-"):
+            return _error(429, "rate limited", {"retry-after-ms": model.rsplit("-", 1)[1]})
+        if model.startswith("mock-retry-after-"):
+            return _error(429, "rate limited", {"Retry-After": model.rsplit("-", 1)[1]})
+        if model.startswith("mock-flaky-") and count == 1:
+            return _error(500, "flaky: first request fails")
+        if model == "mock-context-length":
+            return web.json_response({"error": {
+                "message": "This model's maximum context length is 8192 tokens. However, your messages resulted "
+                           "in 9000 tokens. Please reduce the length of the messages.",
+                "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}, status=400)
+        if model.startswith("mock-headers-after-"):
+            await asyncio.sleep(int(model.rsplit("-", 1)[1]) / 1000)
+        return None
+
     async def stream(self, request: web.Request, body: dict[str, Any], model: str) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         wants_usage = (body.get("stream_options") or {}).get("include_usage") is True
         sent = 0
         try:
+            if model.startswith("mock-first-byte-after-"):
+                await asyncio.sleep(int(model.rsplit("-", 1)[1]) / 1000)
+            if model.startswith("mock-stream-error-"):
+                code = int(model.rsplit("-", 1)[1])
+                await response.write(b"data: " + orjson.dumps(
+                    {"error": {"message": f"mock stream error {code}", "type": "server_error", "code": code}}) + b"\n\n")
+                await response.write(b"data: [DONE]\n\n")
+                return response
             if model.startswith("mock-cut-"):
                 for word in WORDS[: int(model.rsplit("-", 1)[1])]:
                     await response.write(chunk(model, {"content": word}))
@@ -146,6 +207,8 @@ class MockUpstream:
                     for i in range(n):
                         await response.write(chunk(model, {"content": word}, index=i))
                     sent += 1
+                    if model == "mock-malformed" and sent == 3:
+                        await response.write(MALFORMED)
                 if model == "mock-no-done":
                     return response
                 for i in range(n):

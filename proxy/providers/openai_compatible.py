@@ -34,7 +34,9 @@ class OpenAICompatible:
         return orjson.dumps(body)
 
     def request_headers(self, target: Target) -> dict[str, str]:
-        if not target.extra_headers:  # the usual case: built once per credential
+        if target.custom_credential:
+            return self._custom_headers(target)
+        if not target.extra_headers:  # the usual case: built once per configured credential
             headers = self._headers_by_key.get(target.api_key)
             if headers is not None:
                 return headers
@@ -45,6 +47,17 @@ class OpenAICompatible:
             headers.update(target.extra_headers)
         elif len(self._headers_by_key) < 1000:
             self._headers_by_key[target.api_key] = headers
+        return headers
+
+    def _custom_headers(self, target: Target) -> dict[str, str]:
+        """A request-supplied credential: never cached, and never sent with the provider's
+        configured headers (which may hold secrets) to a base URL the client chose."""
+        own_url = not target.base_url or target.base_url == self.config.base_url
+        headers = dict(self.static_headers) if own_url else {"Content-Type": "application/json"}
+        if target.api_key:
+            headers["Authorization"] = f"Bearer {target.api_key}"
+        if target.extra_headers:
+            headers.update(target.extra_headers)
         return headers
 
     async def send(self, call: Call, target: Target) -> Reply:

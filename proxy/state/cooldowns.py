@@ -85,6 +85,10 @@ class Cooldowns:
         if until > self._until.get(key, 0.0):
             self._until[key] = until
             self._gauge(key, 1)
+            # so the gauge drops back to 0 at the end even when no request asks again (without a
+            # running loop, in a plain unit test, `until` resets it when asked)
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_later(max(until - time.time(), 0.0) + 0.01, self.until, key)
 
     def _gauge(self, key: str, value: int) -> None:
         provider, _, deployment = key.partition("/")
@@ -134,8 +138,8 @@ class Cooldowns:
         """Follow the cooldown channel; on a Redis outage, retry with back-off."""
         delay = 0.5
         while True:
+            pubsub = self._redis.pubsub()
             try:
-                pubsub = self._redis.pubsub()
                 await pubsub.subscribe(CHANNEL)
                 await self._load()  # after subscribing, so nothing falls between the two
                 delay = 0.5
@@ -148,5 +152,8 @@ class Cooldowns:
                 raise
             except Exception as exc:
                 log.warning("cooldown channel lost (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+            finally:  # never leak the old connection when reconnecting or stopping
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
