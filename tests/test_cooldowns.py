@@ -193,6 +193,36 @@ def test_redis_shares_a_cooldown_between_instances():
         _delete_keys(suffix)
 
 
+def test_a_shorter_cooldown_never_cuts_a_stored_longer_one():
+    suffix = uuid.uuid4().hex[:10]
+    key = f"prov-{suffix}/dep-{suffix}"
+
+    async def main() -> tuple[float, float]:
+        long = Cooldowns(Policy(failures=1, duration=120), Metrics(), REDIS_URL)
+        short = Cooldowns(Policy(failures=1, duration=5), Metrics(), REDIS_URL)
+        await long.start()
+        await short.start()
+        try:
+            long.failure(key, 503)
+            await asyncio.sleep(0.3)
+            short._until.pop(key, None)  # as if `short` had not heard yet: it publishes its own
+            short.failure(key, 503)
+            await asyncio.sleep(0.3)
+            import redis
+
+            stored = float(redis.Redis.from_url(REDIS_URL).get(KEY_PREFIX + key))
+            return stored, long.until(key)
+        finally:
+            await long.stop()
+            await short.stop()
+
+    try:
+        stored, long_until = asyncio.run(main())
+        assert stored == long_until and stored > time.time() + 100
+    finally:
+        _delete_keys(suffix)
+
+
 # -- through gateways --------------------------------------------------------------------------
 
 PLAN_STAGE = '''

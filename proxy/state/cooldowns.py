@@ -24,6 +24,14 @@ from proxy.settings import Cooldowns as CooldownPolicy
 log = logging.getLogger("llmrelay.cooldowns")
 
 CHANNEL = "llmrelay:cooldowns"
+# Store a cooldown end only if it is later than the stored one: replicas may race, and a shorter
+# cooldown must never cut a longer one short. Returns 1 when it stored.
+EXTEND_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 KEY_PREFIX = "llmrelay:cooldown:"
 
 
@@ -123,8 +131,8 @@ class Cooldowns:
     async def _publish(self, key: str, until: float) -> None:
         ttl_ms = max(int((until - time.time()) * 1000), 1)
         try:
-            await self._redis.set(KEY_PREFIX + key, repr(until), px=ttl_ms)
-            await self._redis.publish(CHANNEL, f"{until!r} {key}")
+            if await self._redis.eval(EXTEND_SCRIPT, 1, KEY_PREFIX + key, repr(until), ttl_ms):
+                await self._redis.publish(CHANNEL, f"{until!r} {key}")
         except Exception as exc:  # Redis down: this process still honours its own cooldown
             log.warning("could not share cooldown of %s through redis: %s", key, exc)
 
