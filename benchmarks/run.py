@@ -150,7 +150,13 @@ def wait_http(proc: Proc, url: str, timeout: float) -> None:
 # --------------------------------------------------------------------------- gateway
 
 
-def gateway_config(mock_port: int, key_hash: str, tmp: Path) -> str:
+PIPELINES = {
+    "auth": "[auth]",  # the minimal pipeline
+    "default": "[auth, routing, credentials, fallback]",  # the gateway's default pipeline
+}
+
+
+def gateway_config(mock_port: int, key_hash: str, tmp: Path, pipeline: str = "auth") -> str:
     return f"""\
 server: {{host: 127.0.0.1, port: 0, workers: 1}}
 providers:
@@ -167,7 +173,7 @@ keys:
   - name: bench
     key_hash: "{key_hash}"
     environment: test
-pipeline: [auth]
+pipeline: {PIPELINES[pipeline]}
 logs:
   spool_dir: {tmp / "spool"}
   sinks: [{{type: sqlite, path: {tmp / "logs.db"}}}]
@@ -187,10 +193,10 @@ def llmrelay_bin() -> Path:
     )
 
 
-def start_gateway(mock_port: int, token: str, tmp: Path) -> tuple[Proc, str]:
+def start_gateway(mock_port: int, token: str, tmp: Path, pipeline: str = "auth") -> tuple[Proc, str]:
     key_hash = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
     config = tmp / "gateway.yaml"
-    config.write_text(gateway_config(mock_port, key_hash, tmp))
+    config.write_text(gateway_config(mock_port, key_hash, tmp, pipeline))
     port = free_port()
     cmd = [str(llmrelay_bin()), "serve", "--config", str(config), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--workers", "1"]
@@ -416,6 +422,8 @@ def results_stem(args: argparse.Namespace) -> str:
         parts.append(f"chunks{args.chunks}")
     if args.delay_ms:
         parts.append(f"paced{args.delay_ms:g}ms")
+    if getattr(args, "pipeline", "auth") != "auth":
+        parts.append(f"pipeline-{args.pipeline}")
     return "latest-" + "-".join(parts) if parts else "latest"
 
 
@@ -441,6 +449,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=30.0,
         help="seconds to wait at start for an idle machine (default 30)",
     )
+    p.add_argument("--pipeline", choices=sorted(PIPELINES), default="auth",
+                   help="gateway pipeline: auth (minimal, default) or default (auth, routing, credentials, fallback)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--no-readme", action="store_true", help="do not refresh the table in README.md")
     args = p.parse_args(argv)
@@ -483,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(floor)
             targets.append(Target("floor", floor_base + "/api/chat/completions", "bench-model", None, floor))
         if not args.direct_only:
-            gateway, base = start_gateway(mock_port, token, tmp)
+            gateway, base = start_gateway(mock_port, token, tmp, args.pipeline)
             procs.append(gateway)
             targets.append(Target("gateway", base + "/api/chat/completions", "bench-model", token, gateway))
             print(f"gateway up: pid {gateway.pid} on {base}")
@@ -528,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         "started": started,
         "command": " ".join(["benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(),
-        "gateway": "not run (--direct-only)" if args.direct_only else "llmrelay serve --workers 1 (granian)",
+        "gateway": "not run (--direct-only)" if args.direct_only
+        else f"llmrelay serve --workers 1 (granian), pipeline {PIPELINES[args.pipeline]}",
         "commit": git_commit(),
         "duration_s": args.duration,
         "warmup_s": args.warmup,
