@@ -246,6 +246,9 @@ class Gateway:
                 call.completion = tap.messages()
             self.metrics.in_flight.dec()
             self.finish(call)
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None and not completed:  # the provider iterator closes its connection
+                await aclose()
 
 
 def estimate_usage(body: dict[str, Any], content_deltas: int) -> Usage:
