@@ -65,6 +65,7 @@ class Provider(Struct):
     base_url: str = ""
     api_key: str | None = None  # the provider's single deployment, named after its id
     deployments: list[Deployment] = msgspec.field(default_factory=list)  # several keys, weighted
+    api_version: str | None = None  # protocols that version their API in the request (azure, anthropic)
     timeouts: Timeouts | None = None
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     max_connections: int = 1000

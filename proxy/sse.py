@@ -187,3 +187,46 @@ class ChatStreamTap:
 def error_event(message: str, *, type: str = "upstream_error", code: int | str | None = 502) -> bytes:
     """The event that ends a broken stream: the OpenAI SDKs raise on an `error` object."""
     return b"data: " + orjson.dumps({"error": {"message": message, "type": type, "code": code}}) + b"\n\ndata: [DONE]\n\n"
+
+
+class SSEDecoder:
+    """Splits any SSE byte stream into (event name, data) pairs, whatever the chunk boundaries.
+
+    For providers whose stream the gateway translates (Anthropic, Gemini): they feed what they
+    read and get the complete events so far. Multi-line data is joined with newlines.
+    """
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, data: bytes) -> list[tuple[str | None, bytes]]:
+        if self._tail:
+            data = self._tail + data
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        end = data.rfind(b"\n\n")
+        if end == -1:
+            self._tail = data
+            return []
+        self._tail = data[end + 2:]
+        return [e for e in map(self._event, data[:end].split(b"\n\n")) if e is not None]
+
+    def flush(self) -> list[tuple[str | None, bytes]]:
+        tail, self._tail = self._tail, b""
+        event = self._event(tail.strip(b"\n")) if tail.strip() else None
+        return [event] if event is not None else []
+
+    @staticmethod
+    def _event(block: bytes) -> tuple[str | None, bytes] | None:
+        name: str | None = None
+        data: list[bytes] = []
+        for line in block.split(b"\n"):
+            if line.startswith(b"data:"):
+                data.append(line[5:].lstrip(b" ") if line[5:6] == b" " else line[5:])
+            elif line.startswith(b"event:"):
+                name = line[6:].strip().decode("utf-8", "replace")
+        if not data and name is None:
+            return None
+        return name, b"\n".join(data)

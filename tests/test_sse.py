@@ -84,3 +84,17 @@ def test_usage_on_a_chunk_with_choices_is_never_hidden():
 def test_error_event_ends_with_done():
     data = error_event("boom", code=502)
     assert data.startswith(b'data: {"error":{"message":"boom"') and data.endswith(b"data: [DONE]\n\n")
+
+
+def test_sse_decoder_whatever_the_boundaries():
+    from proxy.sse import SSEDecoder
+
+    stream = (b"event: message_start\ndata: {\"a\":1}\n\n: ping\n\nevent: ping\ndata: {}\r\n\r\n"
+              b"data: line1\ndata: line2\n\nevent: message_stop\ndata: {\"z\":2}\n\n")
+    expected = [("message_start", b'{"a":1}'), ("ping", b"{}"), (None, b"line1\nline2"), ("message_stop", b'{"z":2}')]
+    for cut in range(1, len(stream)):
+        decoder = SSEDecoder()
+        events = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:]) + decoder.flush()
+        assert events == expected, cut
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: unterminated") == [] and decoder.flush() == [(None, b"unterminated")]

@@ -1,17 +1,30 @@
-"""One module per wire protocol. `build_adapter` is the only place that maps a protocol name to code."""
+"""One module per wire protocol. PROTOCOLS is the only place that maps a protocol name to code.
+
+Every adapter is built as `Adapter(config, timeouts, upstream)` and answers the unified router in
+OpenAI chat format (proxy.providers.base.ProviderAdapter). Modules are imported only when a
+configured provider uses them.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 import msgspec
 
 from proxy.catalog import load_catalog
 from proxy.providers.base import ProviderAdapter
-from proxy.providers.demo import DemoProvider
-from proxy.providers.openai_compatible import OpenAICompatible
 from proxy.settings import ConfigError, Provider, Settings
 from proxy.upstream import UpstreamClient
 
-PROTOCOLS = ("openai", "demo")
+# protocol -> "module:class"
+PROTOCOLS: dict[str, str] = {
+    "openai": "proxy.providers.openai_compatible:OpenAICompatible",
+    "demo": "proxy.providers.demo:DemoProvider",
+    "anthropic": "proxy.providers.anthropic:AnthropicMessages",
+    "gemini": "proxy.providers.gemini:GeminiGenerateContent",
+    "azure": "proxy.providers.azure:AzureOpenAI",
+}
+NO_BASE_URL = frozenset({"demo"})  # protocols that need no base_url
 
 __all__ = ["PROTOCOLS", "ProviderAdapter", "build_adapter", "build_adapters", "with_catalog_defaults"]
 
@@ -24,14 +37,24 @@ def with_catalog_defaults(config: Provider) -> Provider:
     return config
 
 
+def adapter_class(protocol: str, where: str) -> type:
+    path = PROTOCOLS.get(protocol)
+    if path is None:
+        raise ConfigError(f"{where}.protocol: expected one of {sorted(PROTOCOLS)}, got {protocol!r}")
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{where}.protocol: protocol {protocol!r} is not available in this build ({exc})") from None
+
+
 def build_adapter(config: Provider, settings: Settings, upstream: UpstreamClient, where: str) -> ProviderAdapter:
+    cls = adapter_class(config.protocol, where)
     if config.protocol == "demo":
-        return DemoProvider()
-    if config.protocol == "openai":
-        if not config.base_url:
-            raise ConfigError(f"{where}.base_url: provider {config.id!r} needs a base_url (an http:// or https:// URL)")
-        return OpenAICompatible(config, settings.server.timeouts, upstream)
-    raise ConfigError(f"{where}.protocol: expected one of {list(PROTOCOLS)}, got {config.protocol!r}")
+        return cls()
+    if not config.base_url and config.protocol not in NO_BASE_URL:
+        raise ConfigError(f"{where}.base_url: provider {config.id!r} needs a base_url (an http:// or https:// URL)")
+    return cls(config, settings.server.timeouts, upstream)
 
 
 def build_adapters(settings: Settings, upstream: UpstreamClient) -> dict[str, ProviderAdapter]:
