@@ -39,6 +39,7 @@ from proxy.errors import NotFound, ValidationFailed
 from proxy.params import GatewayParams
 from proxy.pipeline import Next, StageContext
 from proxy.settings import Provider
+from proxy.weighted import weighted_choice
 
 _replace = msgspec.structs.replace
 
@@ -307,14 +308,9 @@ class CredentialsStage:
     def pick(self, candidates: list[Credential], names: tuple[str, ...]) -> Credential | None:
         """Among the candidates that serve the model, one at random in proportion to weight."""
         eligible = [c for c in candidates if c.serves(names)]
-        if len(eligible) <= 1:
-            return eligible[0] if eligible else None
-        point = self.random() * sum(c.weight for c in eligible)
-        for c in eligible:
-            point -= c.weight
-            if point < 0:
-                return c
-        return eligible[-1]
+        if not eligible:
+            return None
+        return weighted_choice(eligible, [c.weight for c in eligible], self.random)
 
     def custom(self, target: Target, credential: Credential) -> Target:
         """The target with the caller's credential: its key (or none) and its base URL (or the provider's)."""

@@ -33,6 +33,7 @@ from proxy.errors import BadRequest, ModelNotFound
 from proxy.model_table import ModelTable
 from proxy.params import LoadBalanceGroup, LoadBalanceModel
 from proxy.pipeline import Next, StageContext
+from proxy.weighted import weighted_choice
 
 HEADER = "x-respan-route-provider"
 NO_MODEL = "Invalid request format: `model` is required (or `models`, `load_balance_group`, `load_balance_models`)"
@@ -93,14 +94,7 @@ class Weighted:
 
 def pick_weighted(entries: Sequence[LoadBalanceModel]) -> LoadBalanceModel:
     """One entry of a request's inline list, at random in proportion to weight (all weights > 0)."""
-    if len(entries) == 1:
-        return entries[0]
-    x = random.random() * sum(e.weight for e in entries)
-    for entry in entries:
-        x -= entry.weight
-        if x < 0:
-            return entry
-    return entries[-1]
+    return weighted_choice(entries, [e.weight for e in entries])
 
 
 class RoutingStage:
