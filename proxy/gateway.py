@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from proxy import breakdown
 from proxy.call import Call, Reply, Usage
 from proxy.catalog import load_catalog
 from proxy.errors import GatewayError, InternalError
@@ -33,6 +34,7 @@ from proxy.upstream import UpstreamClient, UpstreamStreamError
 logger = logging.getLogger("llmrelay")
 SHUTDOWN = "llmrelay: shutdown deadline"  # the cancel message that ends a stream at shutdown
 STREAM_CUT_AT_SHUTDOWN = "the gateway shut down before the stream finished"
+USAGE_ESTIMATED = "usage estimated: the stream ended before the provider reported usage"
 
 
 class Gateway:
@@ -124,6 +126,9 @@ class Gateway:
         if reply.stream is None:
             self.metrics.in_flight.dec()
             self.account_body(call, reply)
+            if call.params.request_breakdown and reply.status < 400 and reply.body:
+                self.account_cost(call)
+                reply.body = breakdown.add_to_body(call, reply.body)
             self.finish(call)
         return reply  # a stream stays in flight until relay() ends it
 
@@ -161,11 +166,14 @@ class Gateway:
         if isinstance(choices, list) and not call.params.disable_log:
             call.completion = [c.get("message") for c in choices if isinstance(c, dict)]
 
-    def finish(self, call: Call) -> None:
-        """Once per Call: cost, finish hooks, the log record, metrics. No I/O waits here."""
+    def account_cost(self, call: Call) -> None:
         target = call.target
         if target is not None and target.prices is not None:
             call.cost = target.prices.cost(call.usage)
+
+    def finish(self, call: Call) -> None:
+        """Once per Call: cost, finish hooks, the log record, metrics. No I/O waits here."""
+        self.account_cost(call)
         for hook in call.finish_hooks:
             try:
                 hook(call)
@@ -188,6 +196,17 @@ class Gateway:
         headers["x-llmrelay-overhead-ms"] = f"{overhead * 1000:.3f}"
         return headers
 
+    def _settle(self, call: Call, tap: ChatStreamTap) -> None:
+        """Usage, served model and content of a stream, from what its tap saw (idempotent)."""
+        if tap.usage is not None:
+            call.usage = Usage.from_openai(tap.usage)
+        elif tap.events and not call.warnings.count(USAGE_ESTIMATED):
+            call.usage = estimate_usage(call.body, tap.content_deltas)
+            call.warnings.append(USAGE_ESTIMATED)
+        call.response_model = tap.model
+        if not call.params.disable_log:
+            call.completion = tap.messages()
+
     async def relay(self, call: Call, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Relay an OpenAI-format SSE stream to the client as it arrives, and account it.
 
@@ -197,6 +216,7 @@ class Gateway:
         """
         tap = ChatStreamTap(hide_usage_chunk=not call.client_wants_usage, keep_content=not call.params.disable_log)
         call.status_code = 200
+        with_breakdown = call.params.request_breakdown
         upstream_wait = time.perf_counter()
         completed = False
         try:
@@ -206,6 +226,8 @@ class Gateway:
                 out = tap.feed(chunk)
                 if call.ttft is None and tap.saw_content:
                     call.ttft = now - call.started
+                if with_breakdown and tap.done and out.endswith(DONE_EVENT):
+                    out = out[: -len(DONE_EVENT)]  # the breakdown chunk goes before [DONE]
                 if out:
                     yield out
                 upstream_wait = time.perf_counter()
@@ -216,9 +238,17 @@ class Gateway:
             if tap.error is not None:
                 call.status_code = _error_status(tap.error)
                 call.error = upstream_error_message({"error": tap.error}, call.status_code)
+            elif tap.done and with_breakdown:
+                self._settle(call, tap)
+                self.account_cost(call)
+                yield breakdown.stream_chunk(call) + DONE_EVENT
             elif not tap.done:
                 if tap.finish_reasons:  # complete but the provider left out the terminator
-                    yield b"data: [DONE]\n\n"
+                    if with_breakdown:
+                        self._settle(call, tap)
+                        self.account_cost(call)
+                        yield breakdown.stream_chunk(call)
+                    yield DONE_EVENT
                 else:
                     call.status_code = 502
                     call.error = f"provider '{call.target.provider if call.target else '?'}' ended the stream early"
@@ -236,19 +266,15 @@ class Gateway:
             elif not completed:  # the client went away (cancelled, or the generator was closed)
                 call.status_code = 499
                 call.error = f"client disconnected after {tap.events} events"
-            if tap.usage is not None:
-                call.usage = Usage.from_openai(tap.usage)
-            elif tap.events:
-                call.usage = estimate_usage(call.body, tap.content_deltas)
-                call.warnings.append("usage estimated: the stream ended before the provider reported usage")
-            call.response_model = tap.model
-            if not call.params.disable_log:
-                call.completion = tap.messages()
+            self._settle(call, tap)
             self.metrics.in_flight.dec()
             self.finish(call)
             aclose = getattr(stream, "aclose", None)
             if aclose is not None and not completed:  # the provider iterator closes its connection
                 await aclose()
+
+
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def estimate_usage(body: dict[str, Any], content_deltas: int) -> Usage:

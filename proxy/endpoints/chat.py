@@ -16,12 +16,11 @@ from starlette.types import Receive, Scope, Send
 from proxy.call import Call, Reply
 from proxy.endpoints.body import parse_object
 from proxy.errors import BadRequest, GatewayError, InternalError, PayloadTooLarge, ValidationFailed
-from proxy.gateway import SHUTDOWN, STREAM_CUT_AT_SHUTDOWN, Gateway
+from proxy.gateway import DONE_EVENT, SHUTDOWN, STREAM_CUT_AT_SHUTDOWN, Gateway
 from proxy.params import EMPTY, ParamsError, split_params
 from proxy.sse import error_event
 
 PATHS = ("/api/chat/completions", "/api/v1/chat/completions", "/v1/chat/completions")
-DONE_EVENT = b"data: [DONE]\n\n"
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 logger = logging.getLogger("llmrelay")
