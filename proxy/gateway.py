@@ -192,6 +192,8 @@ class Gateway:
             headers["x-llmrelay-provider"] = target.provider
             headers["x-llmrelay-deployment"] = target.deployment or target.provider
             headers["x-llmrelay-attempts"] = str(len(call.attempts) or 1)
+        if reply.stream is None and call.status_code < 400:  # a stream's cost is known only at its end
+            headers["x-llmrelay-cost"] = f"{call.cost:.10f}".rstrip("0").rstrip(".") or "0"
         overhead = max(call.elapsed() - call.upstream_time, 0.0)
         headers["x-llmrelay-overhead-ms"] = f"{overhead * 1000:.3f}"
         return headers

@@ -55,3 +55,11 @@ def test_the_openai_sdk_reads_a_stream_with_the_breakdown_chunk(gateway, mock):
     assert text == "The quick brown fox jumps over the lazy dog."
     last = chunks[-1].model_dump()
     assert last["id"] == "request_breakdown" and last["choices"][0]["request_breakdown"]["completion_tokens"] == 7
+
+
+def test_cost_header_on_answers(gateway, mock):
+    response = httpx.post(f"{gateway.url}/api/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "gpt-test", "messages": HI})
+    assert abs(float(response.headers["x-llmrelay-cost"]) - COST) < 1e-12
+    record = gateway.record(response.headers["x-respan-log-id"])
+    assert abs(record["cost"] - COST) < 1e-12
