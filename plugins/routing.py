@@ -97,6 +97,36 @@ def pick_weighted(entries: Sequence[LoadBalanceModel]) -> LoadBalanceModel:
     return weighted_choice(entries, [e.weight for e in entries])
 
 
+def estimated_prompt_tokens(body: dict[str, Any]) -> int:
+    """About 4 characters a token over message text and tool definitions: a pre-call estimate."""
+    chars = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+    if body.get("tools"):
+        chars += len(str(body["tools"]))
+    return chars // 4
+
+
+def fitting(call: Call, plan: list[Target]) -> list[Target]:
+    """The plan without the candidates whose context window the prompt is estimated to exceed.
+    When none fits, the plan stays as it is: the estimate is rough, and the provider decides."""
+    needed = estimated_prompt_tokens(call.body)
+    kept = [t for t in plan if not t.context_window or needed <= t.context_window]
+    if len(kept) == len(plan) or not kept:
+        return plan
+    for t in plan:
+        if t not in kept:
+            call.warnings.append(
+                f"{t.provider}/{t.model} skipped: a prompt of about {needed} tokens exceeds its context window "
+                f"of {t.context_window}"
+            )
+    return kept
+
+
 class RoutingStage:
     def __init__(self, models: ModelTable, options: Options) -> None:
         self.models = models
@@ -196,7 +226,9 @@ class RoutingStage:
                 call.plan = [primary]
             else:
                 call.plan = self._plan(call, primary, extras or (), fallbacks)
-        call.target = primary
+        if any(t.context_window for t in call.plan):
+            call.plan = fitting(call, call.plan)
+        call.target = call.plan[0]
 
     def _from_group(self, group: LoadBalanceGroup) -> Target:
         if group.models:  # inline entries replace the configured group's list

@@ -45,6 +45,7 @@ class Target(msgspec.Struct, kw_only=True, frozen=True):
     requested: str = ""  # the model name this target was resolved from (credential_override's key)
     credentials: dict[str, Any] | None = None  # a load-balance entry's credentials, for the credentials stage
     group_id: str | None = None  # the load_balance_group that chose it
+    context_window: int | None = None  # tokens the model takes, when known
 
     @property
     def deployment_key(self) -> str:

@@ -28,6 +28,7 @@ class ModelTable:
         self.catalog = catalog
         self.providers: dict[str, Provider] = {p.id: p for p in settings.providers}
         self.named: dict[str, Target] = {}  # configured names and aliases
+        self.context_windows = {(m.provider, m.model or m.name): m.context_window for m in settings.models if m.context_window}
         self.upstream_names: dict[str, Target] = {}
         for m in settings.models:
             provider = self.providers[m.provider]
@@ -62,8 +63,7 @@ class ModelTable:
         spec = self.catalog.models.get(f"{provider}/{model}")
         return Prices(spec.input, spec.output, spec.cached_input) if spec else None
 
-    @staticmethod
-    def _target(provider: Provider, model: str, prices: Prices | None) -> Target:
+    def _target(self, provider: Provider, model: str, prices: Prices | None) -> Target:
         """The provider's own key (a deployment named after the provider), else its first deployment.
         The credentials stage, when configured, chooses among all deployments by weight."""
         api_key, base_url, deployment = provider.api_key, provider.base_url, provider.id
@@ -78,7 +78,12 @@ class ModelTable:
             api_key=api_key,
             deployment=deployment,
             prices=prices,
+            context_window=self.context_windows.get((provider.id, model)) or self._catalog_window(provider.id, model),
         )
+
+    def _catalog_window(self, provider: str, model: str) -> int | None:
+        spec = self.catalog.models.get(f"{provider}/{model}")
+        return spec.context_window if spec else None
 
     def provider_id(self, name: str) -> str | None:
         """A configured provider's id from its id or a catalog alias."""

@@ -82,6 +82,7 @@ class Model(Struct):
     provider: str
     model: str | None = None  # the upstream model name; `name` when absent
     prices: Prices | None = None
+    context_window: int | None = None  # tokens; the catalog's when absent
     aliases: list[str] = msgspec.field(default_factory=list)
 
 

@@ -766,3 +766,47 @@ def test_e2e_default_fallback_option_is_used(start_gateway, mock_upstream, mock,
     assert mock.last()["body"]["model"] == "mock-ok"
     assert gateway.record(response.headers["x-respan-log-id"])["warnings"] is None
 
+
+
+# -- context windows ----------------------------------------------------------------------------
+
+
+def window_stage() -> RoutingStage:
+    raw = {"providers": providers("http://127.0.0.1:9/v1"), "auto_providers": False, "models": [
+        {"name": "small", "provider": "mock", "model": "mock-small", "context_window": 100},
+        {"name": "large", "provider": "mockb", "model": "mock-large", "context_window": 100_000},
+        {"name": "tiny", "provider": "mockb", "model": "mock-tiny", "context_window": 50}]}
+    settings = parse_settings(raw, "<test>", env={})
+    return create_stage(StageContext("routing", {}, settings, ModelTable(settings, load_catalog())))
+
+
+def long_call(model: str, fallbacks: list[str], chars: int) -> Call:
+    return Call(endpoint="chat", path="/api/chat/completions",
+                body={"model": model, "messages": [{"role": "user", "content": "x" * chars}]},
+                params=to_params({"fallback_models": fallbacks}), headers={})
+
+
+def test_a_prompt_larger_than_the_window_skips_that_model():
+    call = run(window_stage(), long_call("small", ["large"], 2000))  # about 500 tokens > 100
+    assert plan(call) == [("mockb", "mock-large")]
+    assert any("mock/mock-small skipped" in w and "context window of 100" in w for w in call.warnings)
+
+
+def test_a_prompt_that_fits_keeps_the_plan():
+    call = run(window_stage(), long_call("small", ["large"], 200))  # about 50 tokens
+    assert plan(call) == [("mock", "mock-small"), ("mockb", "mock-large")]
+    assert call.warnings == []
+
+
+def test_when_no_candidate_fits_the_provider_decides():
+    call = run(window_stage(), long_call("small", ["tiny"], 2000))
+    assert plan(call) == [("mock", "mock-small"), ("mockb", "mock-tiny")]
+
+
+def test_catalog_context_windows_reach_the_target():
+    stage = window_stage()
+    assert stage.models.resolve("large").context_window == 100_000
+    raw = {"providers": [{"id": "openai", "api_key": "k"}], "auto_providers": False}
+    settings = parse_settings(raw, "<test>", env={})
+    table = ModelTable(settings, load_catalog())
+    assert (table.resolve("openai/gpt-4o").context_window or 0) >= 128_000
