@@ -26,6 +26,13 @@ so a test can make its name unique):
 
 Every request is recorded (path, headers, JSON body) and counted per model name (`count(model)`);
 `stream_closed_early` records streams whose client went away before the end.
+
+Azure OpenAI: `POST /openai/deployments/{deployment}/chat/completions?api-version=...` (on
+`root_url`) answers like the chat route, with the deployment name in place of the body's model
+(so `mock-status-429` etc. work as deployment names). Its records also hold `query` (a dict),
+`deployment` and `azure: True`. Like Azure, its answers carry `prompt_filter_results` (a stream
+starts with a chunk that has no choices, only prompt_filter_results) and per-choice
+`content_filter_results`; a request without an `api-version` query gets Azure's 404.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ WORDS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", 
 
 
 MALFORMED = b"data: {this is not json\n\n"  # what mock-malformed sends after its third word
+
+AZURE_FILTER = {name: {"filtered": False, "severity": "safe"} for name in ("hate", "self_harm", "sexual", "violence")}
+AZURE_PROMPT_FILTER = [{"prompt_index": 0, "content_filter_results": AZURE_FILTER}]
 
 
 def free_port() -> int:
@@ -79,6 +89,11 @@ class MockUpstream:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        """The server's origin, e.g. an Azure resource endpoint."""
+        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> MockUpstream:
         self._thread.start()
@@ -117,6 +132,7 @@ class MockUpstream:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure_chat)
         runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(runner.setup())
         self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
@@ -126,7 +142,19 @@ class MockUpstream:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json(loads=orjson.loads)
         self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
-        model: str = body.get("model", "")
+        return await self.answer(request, body, body.get("model", ""))
+
+    async def azure_chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json(loads=orjson.loads)
+        deployment = request.match_info["deployment"]
+        self.requests.append({"path": request.path, "query": dict(request.query), "deployment": deployment,
+                              "headers": dict(request.headers), "body": body, "azure": True})
+        if not request.query.get("api-version"):
+            return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
+        return await self.answer(request, body, deployment, azure=True)
+
+    async def answer(self, request: web.Request, body: dict[str, Any], model: str,
+                     azure: bool = False) -> web.StreamResponse:
         count = self.counts[model] = self.counts.get(model, 0) + 1
         if model.startswith("mock-status-"):
             status = int(model.rsplit("-", 1)[1])
@@ -137,7 +165,7 @@ class MockUpstream:
         if failure is not None:
             return failure
         if body.get("stream"):
-            return await self.stream(request, body, model)
+            return await self.stream(request, body, model, azure)
         n = body.get("n") or 1
         if model == "mock-tools":
             message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [
@@ -149,6 +177,10 @@ class MockUpstream:
         data = {"id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model,
                 "choices": [{"index": i, "message": message, "finish_reason": finish} for i in range(n)],
                 "usage": USAGE}
+        if azure:
+            data["prompt_filter_results"] = AZURE_PROMPT_FILTER
+            for choice in data["choices"]:
+                choice["content_filter_results"] = AZURE_FILTER
         return web.Response(body=orjson.dumps(data), content_type="application/json")
 
     async def failure(self, model: str, count: int) -> web.Response | None:
@@ -168,9 +200,14 @@ class MockUpstream:
             await asyncio.sleep(int(model.rsplit("-", 1)[1]) / 1000)
         return None
 
-    async def stream(self, request: web.Request, body: dict[str, Any], model: str) -> web.StreamResponse:
+    async def stream(self, request: web.Request, body: dict[str, Any], model: str,
+                     azure: bool = False) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if azure:  # Azure's first chunk: no choices, no id, no model; only the prompt filter results
+            await response.write(b"data: " + orjson.dumps({
+                "choices": [], "created": 0, "id": "", "model": "", "object": "",
+                "prompt_filter_results": AZURE_PROMPT_FILTER}) + b"\n\n")
         wants_usage = (body.get("stream_options") or {}).get("include_usage") is True
         sent = 0
         try:

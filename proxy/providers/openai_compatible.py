@@ -33,6 +33,14 @@ class OpenAICompatible:
                 }
         return orjson.dumps(body)
 
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        """The headers that carry an API key (a hook: Azure sends `api-key` instead)."""
+        return {"Authorization": f"Bearer {api_key}"}
+
+    def url(self, call: Call, target: Target) -> str:
+        """Where the request goes (a hook: Azure builds deployment URLs)."""
+        return (target.base_url or self.config.base_url).rstrip("/") + "/chat/completions"
+
     def request_headers(self, target: Target) -> dict[str, str]:
         if target.custom_credential:
             return self._custom_headers(target)
@@ -42,7 +50,7 @@ class OpenAICompatible:
                 return headers
         headers = dict(self.static_headers)
         if target.api_key:
-            headers["Authorization"] = f"Bearer {target.api_key}"
+            headers.update(self.auth_headers(target.api_key))
         if target.extra_headers:
             headers.update(target.extra_headers)
         elif len(self._headers_by_key) < 1000:
@@ -55,13 +63,13 @@ class OpenAICompatible:
         own_url = not target.base_url or target.base_url == self.config.base_url
         headers = dict(self.static_headers) if own_url else {"Content-Type": "application/json"}
         if target.api_key:
-            headers["Authorization"] = f"Bearer {target.api_key}"
+            headers.update(self.auth_headers(target.api_key))
         if target.extra_headers:
             headers.update(target.extra_headers)
         return headers
 
     async def send(self, call: Call, target: Target) -> Reply:
-        url = (target.base_url or self.config.base_url).rstrip("/") + "/chat/completions"
+        url = self.url(call, target)
         read_timeout = call.params.timeout or target.timeout or (
             self.timeouts.stream_idle if call.stream else self.timeouts.read
         )
