@@ -46,7 +46,7 @@ _replace = msgspec.structs.replace
 URL_FIELDS = ("api_base", "base_url", "endpoint")  # spec: api_base, a.k.a. base_url / endpoint
 # The provider credential fields of spec 3.2; a dict holding one of them is a flat credential.
 FLAT_FIELDS = frozenset({
-    "api_key", *URL_FIELDS, "api_version",
+    "api_key", *URL_FIELDS, "api_version", "azure_ad_token",
     "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_region_name",
     "vertex_ai_project", "vertex_ai_location", "vertex_ai_credentials",
 })

@@ -21,6 +21,7 @@ from proxy.errors import ModelNotFound
 from proxy.settings import ConfigError, Provider, Settings
 
 MAX_ALIAS_DEPTH = 8
+CREDENTIAL_FIELDS = {"demo": [], "azure": ["api_key", "api_base", "api_version"]}  # others: api_key
 
 
 class ModelTable:
@@ -160,6 +161,6 @@ class ModelTable:
                 "provider_name": spec.name if spec else target.provider,
                 "provider_id": target.provider,
                 "moderation": "Unfiltered",
-                "credential_fields": ["api_key"] if target.protocol != "demo" else [],
+                "credential_fields": CREDENTIAL_FIELDS.get(target.protocol, ["api_key"]),
             },
         }

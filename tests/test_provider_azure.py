@@ -335,3 +335,17 @@ def test_e2e_upstream_errors_pass_through(gw, mock, status):
     response = post(gw, {"model": f"azure/mock-status-{status}", "messages": HI, "stream": True})
     assert response.status_code == status
     assert response.json()["error"]["code"] == f"mock_{status}"
+
+
+def test_azure_openai_is_an_alias_of_the_azure_provider():
+    from proxy.catalog import load_catalog
+    from proxy.model_table import ModelTable
+    from proxy.settings import parse_settings
+
+    settings = parse_settings({"providers": [{"id": "azure", "protocol": "azure", "base_url": "https://r.openai.azure.com",
+                                              "api_key": "k"}], "auto_providers": False}, "<test>", env={})
+    table = ModelTable(settings, load_catalog())
+    assert table.provider_id("azure_openai") == "azure"
+    assert table.resolve("azure_openai/my-dep").provider == "azure"
+    assert table.public_models() == [] or all(
+        m["provider"]["credential_fields"] == ["api_key", "api_base", "api_version"] for m in table.public_models())

@@ -11,7 +11,7 @@ import yaml
 
 __all__ = ["Catalog", "ModelSpec", "ProviderSpec", "load_catalog"]
 
-Protocol = Literal["openai", "anthropic", "gemini"]
+Protocol = Literal["openai", "anthropic", "gemini", "azure"]
 
 
 class ProviderSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
