@@ -54,7 +54,7 @@ _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 class ChatStreamTap:
     __slots__ = (
         "hide_usage_chunk", "keep_content", "_tail", "usage", "model", "done", "finish_reasons",
-        "saw_content", "error", "malformed", "events", "content_deltas", "_content", "_tools",
+        "saw_content", "error", "malformed", "events", "content_deltas", "_content", "_reasoning", "_tools",
     )
 
     def __init__(self, *, hide_usage_chunk: bool, keep_content: bool = True) -> None:
@@ -71,6 +71,7 @@ class ChatStreamTap:
         self.events = 0
         self.content_deltas = 0  # deltas that carried output: roughly one token each
         self._content: dict[int, list[str]] = {}
+        self._reasoning: dict[int, list[str]] = {}
         self._tools: dict[int, dict[int, dict[str, Any]]] = {}
 
     def feed(self, data: bytes) -> bytes:
@@ -154,6 +155,8 @@ class ChatStreamTap:
             if self.keep_content:
                 if content:
                     self._content.setdefault(choice.index, []).append(content)
+                if delta.reasoning_content:
+                    self._reasoning.setdefault(choice.index, []).append(delta.reasoning_content)
                 if tool_calls:
                     self._merge_tools(choice.index, tool_calls)
         if choice.finish_reason:
@@ -174,10 +177,12 @@ class ChatStreamTap:
 
     def messages(self) -> list[dict[str, Any]]:
         """The assistant message of each choice, rebuilt from the deltas (for the log)."""
-        indexes = sorted(set(self._content) | set(self._tools) | set(self.finish_reasons))
+        indexes = sorted(set(self._content) | set(self._reasoning) | set(self._tools) | set(self.finish_reasons))
         out = []
         for i in indexes:
             message: dict[str, Any] = {"role": "assistant", "content": "".join(self._content.get(i, [])) or None}
+            if i in self._reasoning:
+                message["reasoning_content"] = "".join(self._reasoning[i])
             if i in self._tools:
                 message["tool_calls"] = [self._tools[i][k] for k in sorted(self._tools[i])]
             out.append(message)

@@ -98,3 +98,9 @@ def test_sse_decoder_whatever_the_boundaries():
         assert events == expected, cut
     decoder = SSEDecoder()
     assert decoder.feed(b"data: unterminated") == [] and decoder.flush() == [(None, b"unterminated")]
+
+
+def test_reasoning_deltas_are_kept_for_the_log():
+    tap = ChatStreamTap(hide_usage_chunk=False)
+    tap.feed(chunk({"reasoning_content": "Let me think."}) + chunk({"content": "42"}) + chunk({}, "stop"))
+    assert tap.messages() == [{"role": "assistant", "content": "42", "reasoning_content": "Let me think."}]
