@@ -230,6 +230,9 @@ def test_auto_providers_from_environment():
     # an empty variable enables nothing
     assert [p.id for p in load_settings(None, env={"OPENAI_API_KEY": ""}).providers] == ["demo"]
 
+    gemini = load_settings(None, env={"GEMINI_API_KEY": "gk"}).provider("gemini")
+    assert gemini is not None and gemini.protocol == "gemini" and gemini.api_key == "gk"
+
 
 def test_auto_providers_respect_config(tmp_path):
     # a provider the config declares keeps its own settings
