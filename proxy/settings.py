@@ -22,7 +22,7 @@ DEMO_KEY = "sk-llmrelay-demo"  # the embedded defaults' gateway key; README exam
 DATA_DIR = "./llmrelay-data"
 # Wire protocols that a provider found through its environment key may use. Grows as
 # proxy/providers/ learns more protocols.
-ENVIRONMENT_PROTOCOLS = frozenset({"openai", "gemini"})
+ENVIRONMENT_PROTOCOLS = frozenset({"openai", "gemini", "anthropic"})
 
 
 class ConfigError(Exception):

@@ -23,6 +23,8 @@ PROTOCOLS: dict[str, str] = {
     "anthropic": "proxy.providers.anthropic:AnthropicMessages",
     "gemini": "proxy.providers.gemini:GeminiGenerateContent",
     "azure": "proxy.providers.azure:AzureOpenAI",
+    "bedrock": "proxy.providers.bedrock:BedrockConverse",
+    "vertex_ai": "proxy.providers.vertex:VertexAI",
 }
 NO_BASE_URL = frozenset({"demo"})  # protocols that need no base_url
 
