@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.endpoints import chat, health, models
+from proxy.endpoints import chat, embeddings, health, models
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
 from proxy.settings import Settings, load_settings
@@ -61,13 +61,16 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
 
     chat_completions = chat.ChatCompletions(gateway)
     # Declared to Starlette too, so that other methods get a 405; POSTs never get that far.
-    chat_routes = [Route(path, chat_completions, methods=["POST"]) for path in chat.PATHS]
+    embeddings_app = embeddings.Embeddings(gateway)
+    fast_routes: dict[str, ASGIApp] = {path: chat_completions for path in chat.PATHS}
+    fast_routes.update({path: embeddings_app for path in embeddings.PATHS})
+    post_routes = [Route(path, handler, methods=["POST"]) for path, handler in fast_routes.items()]
     starlette = Starlette(
-        routes=[*chat_routes, *models.routes(gateway), *health.routes(gateway)],
+        routes=[*post_routes, *models.routes(gateway), *health.routes(gateway)],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
     )
-    return App(gateway, starlette, {path: chat_completions for path in chat.PATHS})
+    return App(gateway, starlette, fast_routes)
 
 
 def watch_shutdown_signals(gateway: Gateway) -> None:

@@ -18,7 +18,7 @@ import orjson
 from proxy import breakdown
 from proxy.call import Call, Reply, Usage
 from proxy.catalog import load_catalog
-from proxy.errors import GatewayError, InternalError
+from proxy.errors import BadRequest, GatewayError, InternalError
 from proxy.logs.from_call import record_for
 from proxy.logs.queue import LogQueue
 from proxy.logs.sinks import make_sink
@@ -34,6 +34,7 @@ from proxy.upstream import UpstreamClient, UpstreamStreamError
 logger = logging.getLogger("llmrelay")
 SHUTDOWN = "llmrelay: shutdown deadline"  # the cancel message that ends a stream at shutdown
 STREAM_CUT_AT_SHUTDOWN = "the gateway shut down before the stream finished"
+CHAT_ONLY = frozenset({"chat"})
 USAGE_ESTIMATED = "usage estimated: the stream ended before the provider reported usage"
 
 
@@ -111,6 +112,9 @@ class Gateway:
         adapter = self.adapters.get(target.provider)
         if adapter is None:
             raise GatewayError(f"Provider {target.provider!r} is not configured on this gateway", 502)
+        # An adapter lists the Call.endpoint values it serves in `endpoints`; without it, chat only.
+        if call.endpoint != "chat" and call.endpoint not in getattr(adapter, "endpoints", CHAT_ONLY):
+            raise BadRequest(f"Provider {target.provider!r} does not serve {call.endpoint}")
         return await adapter.send(call, target)
 
     async def handle(self, call: Call) -> Reply:
@@ -162,6 +166,8 @@ class Gateway:
         call.usage = Usage.from_openai(data.get("usage"))
         if isinstance(data.get("model"), str):
             call.response_model = data["model"]
+        if call.endpoint == "embeddings":  # usage only: the vectors are never kept for the log
+            return
         choices = data.get("choices")
         if isinstance(choices, list) and not call.params.disable_log:
             call.completion = [c.get("message") for c in choices if isinstance(c, dict)]

@@ -33,12 +33,20 @@ Azure OpenAI: `POST /openai/deployments/{deployment}/chat/completions?api-versio
 `deployment` and `azure: True`. Like Azure, its answers carry `prompt_filter_results` (a stream
 starts with a chunk that has no choices, only prompt_filter_results) and per-choice
 `content_filter_results`; a request without an `api-version` query gets Azure's 404.
+
+Embeddings: `POST /v1/embeddings` and `POST /openai/deployments/{deployment}/embeddings` (Azure) take
+the same model-name scripts (mock-status-CODE and the failure scenarios above; on Azure, the
+deployment name). An answer has one deterministic vector per input (`dimensions` long, default
+EMBEDDING_DIMENSIONS; base64 little-endian float32 with `encoding_format: base64`) and usage
+`prompt_tokens == total_tokens == EMBEDDING_TOKENS_PER_INPUT * inputs`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -49,6 +57,15 @@ from aiohttp import web
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
          "prompt_tokens_details": {"cached_tokens": 2}}
 WORDS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", "."]
+
+
+EMBEDDING_DIMENSIONS = 4
+EMBEDDING_TOKENS_PER_INPUT = 5
+
+
+def mock_vector(index: int, dimensions: int) -> list[float]:
+    """The vector the mock answers for the input at `index` (exact in float32)."""
+    return [float(index) + (j + 1) / 8 for j in range(dimensions)]
 
 
 MALFORMED = b"data: {this is not json\n\n"  # what mock-malformed sends after its third word
@@ -133,6 +150,8 @@ class MockUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure_chat)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/openai/deployments/{deployment}/embeddings", self.azure_embeddings)
         runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(runner.setup())
         self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
@@ -152,6 +171,42 @@ class MockUpstream:
         if not request.query.get("api-version"):
             return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
         return await self.answer(request, body, deployment, azure=True)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json(loads=orjson.loads)
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        return await self.embed(body, body.get("model", ""))
+
+    async def azure_embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json(loads=orjson.loads)
+        deployment = request.match_info["deployment"]
+        self.requests.append({"path": request.path, "query": dict(request.query), "deployment": deployment,
+                              "headers": dict(request.headers), "body": body, "azure": True})
+        if not request.query.get("api-version"):
+            return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
+        return await self.embed(body, deployment)
+
+    async def embed(self, body: dict[str, Any], model: str) -> web.Response:
+        count = self.counts[model] = self.counts.get(model, 0) + 1
+        if model.startswith("mock-status-"):
+            return _error(int(model.rsplit("-", 1)[1]), "embeddings", {"x-request-id": "req-mock"})
+        failure = await self.failure(model, count)
+        if failure is not None:
+            return failure
+        value = body.get("input")
+        one = isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int))
+        inputs = [value] if one else list(value or [])
+        dimensions = body.get("dimensions") or EMBEDDING_DIMENSIONS
+        data = []
+        for i in range(len(inputs)):
+            vector = mock_vector(i, dimensions)
+            embedding: Any = vector
+            if body.get("encoding_format") == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        tokens = EMBEDDING_TOKENS_PER_INPUT * len(inputs)
+        return web.json_response({"object": "list", "data": data, "model": model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def answer(self, request: web.Request, body: dict[str, Any], model: str,
                      azure: bool = False) -> web.StreamResponse:

@@ -1,12 +1,19 @@
-"""Parsing a request body once."""
+"""What every plain-ASGI endpoint shares: reading and parsing the body once, splitting off the
+gateway params, and sending a whole reply."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+from starlette.types import Receive, Scope, Send
 
-from proxy.errors import BadRequest
+from proxy.call import Call, Reply
+from proxy.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from proxy.params import ParamsError, split_params
+
+if TYPE_CHECKING:
+    from proxy.gateway import Gateway
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
@@ -19,3 +26,57 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequest(f"Invalid request format: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> bytes:
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body of {declared} bytes is over the limit of {limit} bytes")
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise BadRequest("Invalid request format: the client closed the connection before sending the body")
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise PayloadTooLarge(f"Request body is over the limit of {limit} bytes")
+        if not message.get("more_body", False):
+            return body
+
+
+def request_headers(scope: Scope) -> dict[str, str]:
+    """ASGI header names are lower-case; a repeated header keeps its last value."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def split_gateway_params(call: Call, body: dict[str, Any]) -> None:
+    """Split the gateway params (body fields and the params headers) off `body` into call.params,
+    and set call.body and call.model. The same for every endpoint."""
+    headers = call.headers
+    try:
+        call.params = split_params(
+            body,
+            headers.get("x-data-respan-params") or headers.get("x-data-keywordsai-params"),
+            headers.get("x-respan-customer-identifier"),
+        )
+    except ParamsError as exc:
+        raise ValidationFailed(exc.field, exc.message) from None
+    call.body = body
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValidationFailed("model", f"Expected `str`, got `{type(model).__name__}`")
+    call.model = model or ""
+
+
+def raw_headers(headers: dict[str, str], media_type: str) -> list[tuple[bytes, bytes]]:
+    raw = [(b"content-type", media_type.encode("latin-1"))]
+    raw.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
+    return raw
+
+
+async def send_whole(gateway: Gateway, call: Call, reply: Reply, send: Send) -> None:
+    """Send a whole (non-stream) Reply with the gateway's response headers."""
+    raw = raw_headers(gateway.response_headers(call, reply), reply.media_type)
+    raw.append((b"content-length", str(len(reply.body)).encode()))
+    await send({"type": "http.response.start", "status": reply.status, "headers": raw})
+    await send({"type": "http.response.body", "body": reply.body})

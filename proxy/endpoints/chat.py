@@ -14,10 +14,17 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from proxy.call import Call, Reply
-from proxy.endpoints.body import parse_object
-from proxy.errors import BadRequest, GatewayError, InternalError, PayloadTooLarge, ValidationFailed
+from proxy.endpoints.body import (
+    parse_object,
+    raw_headers,
+    read_body,
+    request_headers,
+    send_whole,
+    split_gateway_params,
+)
+from proxy.errors import BadRequest, GatewayError, InternalError
 from proxy.gateway import DONE_EVENT, SHUTDOWN, STREAM_CUT_AT_SHUTDOWN, Gateway
-from proxy.params import EMPTY, ParamsError, split_params
+from proxy.params import EMPTY
 from proxy.sse import error_event
 
 PATHS = ("/api/chat/completions", "/api/v1/chat/completions", "/v1/chat/completions")
@@ -29,48 +36,13 @@ logger = logging.getLogger("llmrelay")
 def read_call(call: Call, raw: bytes) -> None:
     """Fill the Call from the raw body: parse once, split off gateway params, check the basics."""
     body = parse_object(raw)
-    headers = call.headers
-    try:
-        call.params = split_params(
-            body,
-            headers.get("x-data-respan-params") or headers.get("x-data-keywordsai-params"),
-            headers.get("x-respan-customer-identifier"),
-        )
-    except ParamsError as exc:
-        raise ValidationFailed(exc.field, exc.message) from None
-    call.body = body
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ValidationFailed("model", f"Expected `str`, got `{type(model).__name__}`")
-    call.model = model or ""
+    split_gateway_params(call, body)
     call.stream = body.get("stream") is True
     options = body.get("stream_options")
     call.client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
     messages = body.get("messages")
     if not isinstance(messages, list) and call.params.prompt is None:
         raise BadRequest("Invalid request format: `messages` is required and must be an array")
-
-
-async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> bytes:
-    declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body of {declared} bytes is over the limit of {limit} bytes")
-    body = b""
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise BadRequest("Invalid request format: the client closed the connection before sending the body")
-        body += message.get("body", b"")
-        if len(body) > limit:
-            raise PayloadTooLarge(f"Request body is over the limit of {limit} bytes")
-        if not message.get("more_body", False):
-            return body
-
-
-def _raw_headers(headers: dict[str, str], media_type: str) -> list[tuple[bytes, bytes]]:
-    raw = [(b"content-type", media_type.encode("latin-1"))]
-    raw.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
-    return raw
 
 
 class ChatCompletions:
@@ -82,8 +54,7 @@ class ChatCompletions:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway = self.gateway
-        # ASGI header names are lower-case; a repeated header keeps its last value
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = request_headers(scope)
         client = scope.get("client")
         call = Call(endpoint="chat", path=scope["path"], body={}, params=EMPTY, headers=headers,
                     client_ip=client[0] if client else None)
@@ -103,15 +74,12 @@ class ChatCompletions:
             await self.send_stream(call, reply, receive, send)
 
     async def send_whole(self, call: Call, reply: Reply, send: Send) -> None:
-        raw = _raw_headers(self.gateway.response_headers(call, reply), reply.media_type)
-        raw.append((b"content-length", str(len(reply.body)).encode()))
-        await send({"type": "http.response.start", "status": reply.status, "headers": raw})
-        await send({"type": "http.response.body", "body": reply.body})
+        await send_whole(self.gateway, call, reply, send)
 
     async def send_stream(self, call: Call, reply: Reply, receive: Receive, send: Send) -> None:
         """Relay chunk by chunk. A client that leaves cancels the relay at once, wherever it waits."""
         assert reply.stream is not None
-        raw = _raw_headers(self.gateway.response_headers(call, reply), "text/event-stream")
+        raw = raw_headers(self.gateway.response_headers(call, reply), "text/event-stream")
         raw.extend(STREAM_HEADERS)
         relay = self.gateway.relay(call, reply.stream)
         task = asyncio.current_task()

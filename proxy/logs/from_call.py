@@ -10,6 +10,8 @@ import orjson
 from proxy.call import Call
 from proxy.logs.record import LogRecord
 
+LOG_TYPES = {"chat": "chat", "embeddings": "embedding"}  # Call.endpoint -> log_type (spec 2.5)
+
 
 def _tokens_per_second(call: Call, latency: float) -> float | None:
     if not call.usage.completion_tokens:
@@ -31,7 +33,7 @@ def record_for(call: Call) -> LogRecord:
     record = LogRecord(
         unique_id=call.id,
         gateway_request_id=call.request_id,
-        log_type="chat" if call.endpoint == "chat" else call.endpoint,
+        log_type=LOG_TYPES.get(call.endpoint, call.endpoint),
         start_time=call.started_at,
         timestamp=time.time(),
         request_url_path=call.path,
@@ -75,7 +77,12 @@ def record_for(call: Call) -> LogRecord:
         temperature=_number(call.body.get("temperature")),
         max_tokens=_int(call.body.get("max_tokens") or call.body.get("max_completion_tokens")),
     )
-    if not params.disable_log:
+    if not params.disable_log and call.endpoint == "embeddings":
+        # The prompt is the `input`, logged in full_request (the provider params: model, input,
+        # encoding_format, dimensions, user); there are no messages. The vectors are never
+        # stored: account_body keeps only the usage of an embeddings answer.
+        record.full_request = dict(call.body)
+    elif not params.disable_log:
         body = call.body
         record.prompt_messages = body.get("messages") if isinstance(body.get("messages"), list) else None
         record.tools = body.get("tools") if isinstance(body.get("tools"), list) else None

@@ -18,6 +18,8 @@ URL
     * A base URL that already contains `/openai/deployments/` is a full deployment URL: it is
       used as it is (with `/chat/completions` appended unless present), so its deployment wins
       over the Target's model; its own query is kept, `api-version` set as above.
+    * An embeddings Call (`call.endpoint == "embeddings"`) uses the same URLs with `/embeddings`
+      in place of `/chat/completions`.
     * `api_version: v1`, or a base URL ending in `/openai/v1`, selects Azure's v1 API:
       `{base_url}/openai/v1/chat/completions` without an api-version query; the deployment name
       travels as the body's `model` (which is always sent, and which the dated API ignores).
@@ -45,6 +47,8 @@ DEFAULT_API_VERSION = "2024-10-21"  # the GA data-plane inference version
 V1 = "v1"
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DEPLOYMENTS = "/openai/deployments/"
+CHAT = "/chat/completions"
+EMBEDDINGS = "/embeddings"
 _HEADER_UNSAFE = ("\r", "\n", "\0")
 _CACHE_LIMIT = 10_000
 
@@ -63,7 +67,8 @@ class BaseURL:
         self.full = _DEPLOYMENTS in url + "/"
         self.v1 = not self.full and url.endswith("/openai/v1")
         if self.full:
-            self.root = url if url.endswith("/chat/completions") else url + "/chat/completions"
+            url = url.removesuffix(EMBEDDINGS)  # a full embeddings URL serves chat too, and back
+            self.root = url if url.endswith(CHAT) else url + CHAT
         elif self.v1:
             self.root = url.removesuffix("/openai/v1")
         else:
@@ -74,14 +79,16 @@ def valid_version(value: object) -> bool:
     return isinstance(value, str) and _VERSION.fullmatch(value) is not None
 
 
-def chat_url(base: BaseURL, deployment: str, api_version: str) -> str:
-    """The chat completions URL for one deployment (api_version already resolved)."""
+def chat_url(base: BaseURL, deployment: str, api_version: str, path: str = CHAT) -> str:
+    """The chat completions (or, with path EMBEDDINGS, embeddings) URL for one deployment
+    (api_version already resolved)."""
     if base.full:
         query = urlencode([*base.query, ("api-version", api_version)]) if api_version != V1 else urlencode(base.query)
-        return f"{base.root}?{query}" if query else base.root
+        root = base.root if path == CHAT else base.root.removesuffix(CHAT) + path
+        return f"{root}?{query}" if query else root
     if base.v1 or api_version == V1:
-        return f"{base.root}/openai/v1/chat/completions"
-    return f"{base.root}/openai/deployments/{quote(deployment, safe='')}/chat/completions?api-version={api_version}"
+        return f"{base.root}/openai/v1{path}"
+    return f"{base.root}/openai/deployments/{quote(deployment, safe='')}{path}?api-version={api_version}"
 
 
 class AzureOpenAI(OpenAICompatible):
@@ -93,7 +100,7 @@ class AzureOpenAI(OpenAICompatible):
                 f"{DEFAULT_API_VERSION!r} or 'v1', got {config.api_version!r}"
             )
         self._bases: dict[str, BaseURL] = {}
-        self._urls: dict[tuple[str, str, str | None], str] = {}
+        self._urls: dict[tuple[str, str, str | None, str], str] = {}
 
     def base(self, base_url: str) -> BaseURL:
         base = self._bases.get(base_url)
@@ -109,14 +116,14 @@ class AzureOpenAI(OpenAICompatible):
         requested = target.credentials.get("api_version") if target.credentials else None
         if requested is not None and not valid_version(requested):
             raise ValidationFailed("api_version", f"expected an Azure API version such as {DEFAULT_API_VERSION!r} or 'v1'")
-        key = (base_url, target.model, requested)
+        key = (base_url, target.model, requested, call.endpoint)
         url = self._urls.get(key)
         if url is None:
             base = self.base(base_url)
             version = requested or base.version or self.config.api_version or DEFAULT_API_VERSION
             if not valid_version(version):  # from a full deployment URL's query
                 version = self.config.api_version or DEFAULT_API_VERSION
-            url = chat_url(base, target.model, version)
+            url = chat_url(base, target.model, version, EMBEDDINGS if call.endpoint == "embeddings" else CHAT)
             if len(self._urls) >= _CACHE_LIMIT:
                 self._urls.clear()
             self._urls[key] = url

@@ -3,10 +3,18 @@
 It answers in OpenAI format, echoing the last user message; streams word by word; honours `n`,
 `stream_options.include_usage` and `max_tokens`; and calls the first tool when `tool_choice`
 names one or is "required".
+
+Embeddings (`call.endpoint == "embeddings"`): a deterministic unit vector per input, derived from
+a SHA-256 of the input (`dimensions` long, default 8), as floats or base64 little-endian float32
+like OpenAI; usage counts words (or tokens, for token input).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import math
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,7 +43,51 @@ def _count(text: str) -> int:
     return len(text.split())
 
 
+DEMO_DIMENSIONS = 8
+
+
+def demo_vector(item: Any, dimensions: int) -> list[float]:
+    """A deterministic unit vector for one input (text or token list)."""
+    seed = orjson.dumps(item)
+    raw: list[float] = []
+    counter = 0
+    while len(raw) < dimensions:
+        digest = hashlib.sha256(seed + counter.to_bytes(4, "big")).digest()
+        raw.extend(b / 127.5 - 1.0 for b in digest)
+        counter += 1
+    raw = raw[:dimensions]
+    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    return [round(v / norm, 6) for v in raw]
+
+
+def embedding_inputs(value: Any) -> list[Any]:
+    """The input as a list of items: a string or a token list is one item."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, int) for v in value)):
+        return [value]
+    return list(value) if isinstance(value, list) else [value]
+
+
 class DemoProvider:
+    endpoints = frozenset({"chat", "embeddings"})  # the Call.endpoint values served (see Gateway.dispatch)
+
+    def embeddings(self, call: Call, target: Target) -> Reply:
+        body = call.body
+        dimensions = body.get("dimensions")
+        dimensions = dimensions if isinstance(dimensions, int) and 0 < dimensions <= 4096 else DEMO_DIMENSIONS
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        tokens = 0
+        for i, item in enumerate(embedding_inputs(body.get("input"))):
+            vector = demo_vector(item, dimensions)
+            tokens += len(item) if isinstance(item, list) else max(_count(str(item)), 1)
+            embedding: Any = (
+                base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode() if as_base64 else vector
+            )
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        payload = {"object": "list", "data": data, "model": target.model,
+                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return Reply(200, body=orjson.dumps(payload))
+
     def answer(self, body: dict[str, Any]) -> tuple[str, int]:
         messages = body.get("messages") or []
         last = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), None)
@@ -62,6 +114,8 @@ class DemoProvider:
         return {"id": "call_demo_0", "type": "function", "function": {"name": name, "arguments": "{}"}}
 
     async def send(self, call: Call, target: Target) -> Reply:
+        if call.endpoint == "embeddings":
+            return self.embeddings(call, target)
         body = call.body
         text, prompt_tokens = self.answer(body)
         tool = self.tool_call(body)

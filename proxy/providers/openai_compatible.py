@@ -1,4 +1,7 @@
-"""Providers that speak the OpenAI Chat Completions API: bytes pass through unchanged."""
+"""Providers that speak the OpenAI Chat Completions API: bytes pass through unchanged.
+
+They serve the Embeddings API too: a Call with endpoint "embeddings" goes to `{base_url}/embeddings`.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,12 @@ from proxy.call import Call, Reply, Target
 from proxy.settings import Provider, Timeouts
 from proxy.upstream import UpstreamClient
 
+PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}  # Call.endpoint -> path under base_url
+
 
 class OpenAICompatible:
+    endpoints = frozenset(PATHS)  # the Call.endpoint values this adapter serves (see Gateway.dispatch)
+
     def __init__(self, config: Provider, timeouts: Timeouts, upstream: UpstreamClient) -> None:
         self.config = config
         self.timeouts = config.timeouts or timeouts
@@ -39,7 +46,7 @@ class OpenAICompatible:
 
     def url(self, call: Call, target: Target) -> str:
         """Where the request goes (a hook: Azure builds deployment URLs)."""
-        return (target.base_url or self.config.base_url).rstrip("/") + "/chat/completions"
+        return (target.base_url or self.config.base_url).rstrip("/") + PATHS[call.endpoint]
 
     def request_headers(self, target: Target) -> dict[str, str]:
         if target.custom_credential:
