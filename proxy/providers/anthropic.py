@@ -692,7 +692,8 @@ class AnthropicMessages:
         self._headers_by_key: dict[str | None, dict[str, str]] = {}  # treated as read-only
         self.sampling = self.static_headers["anthropic-version"] < NO_SAMPLING_SINCE
 
-    def url(self, target: Target) -> str:
+    def url(self, target: Target, stream: bool = False) -> str:
+        """The Messages URL (`stream` is for subclasses whose URL differs per mode, e.g. Vertex AI)."""
         base = (target.base_url or self.config.base_url).rstrip("/")
         return base + "/messages" if base.endswith("/v1") else base + "/v1/messages"
 
@@ -718,8 +719,12 @@ class AnthropicMessages:
             self._headers_by_key[target.api_key] = headers
         return headers
 
+    def request_body(self, call: Call, target: Target) -> dict[str, Any]:
+        """The Messages request body (a hook: Vertex AI moves the model to the URL)."""
+        return to_anthropic(call.body, target.model, stream=call.stream, sampling=self.sampling)
+
     async def send(self, call: Call, target: Target) -> Reply:
-        body = orjson.dumps(to_anthropic(call.body, target.model, stream=call.stream, sampling=self.sampling))
+        body = orjson.dumps(self.request_body(call, target))
         if not self.sampling and any(call.body.get(k) is not None for k in SAMPLING_PARAMS):
             warning = (f"temperature, top_p and top_k are not sent: anthropic-version "
                        f"{self.static_headers['anthropic-version']} does not accept them")
@@ -732,7 +737,7 @@ class AnthropicMessages:
         try:
             response = await self.upstream.post(
                 target.provider,
-                self.url(target),
+                self.url(target, call.stream),
                 self.request_headers(target),
                 body,
                 connect_timeout=self.timeouts.connect,
