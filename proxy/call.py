@@ -13,17 +13,27 @@ from proxy.params import GatewayParams
 
 
 class Prices(msgspec.Struct, frozen=True):
-    """USD per 1M tokens."""
+    """USD per 1M tokens.
+
+    Usage counts cache reads (`cached_tokens`) and cache writes (`cache_creation_tokens`) inside
+    `prompt_tokens` (OpenAI reports cache hits that way; the Anthropic, Bedrock and Gemini adapters
+    add them in), so the uncached part is what is left and no token is billed twice.
+    """
 
     input: float = 0.0
     output: float = 0.0
-    cached_input: float | None = None  # defaults to `input` when absent
+    cached_input: float | None = None  # cache reads; `input` when absent
+    cache_write: float | None = None  # cache creation (e.g. Anthropic's 5-minute writes); `input` when absent
 
     def cost(self, usage: Usage) -> float:
         cached = usage.cached_tokens
+        written = usage.cache_creation_tokens
         cached_price = self.input if self.cached_input is None else self.cached_input
-        uncached = max(usage.prompt_tokens - cached, 0)
-        return (uncached * self.input + cached * cached_price + usage.completion_tokens * self.output) / 1e6
+        write_price = self.input if self.cache_write is None else self.cache_write
+        uncached = max(usage.prompt_tokens - cached - written, 0)
+        return (
+            uncached * self.input + cached * cached_price + written * write_price + usage.completion_tokens * self.output
+        ) / 1e6
 
 
 class Target(msgspec.Struct, kw_only=True, frozen=True):

@@ -16,12 +16,23 @@ from typing import Any
 import msgspec
 
 from proxy.call import Prices, Target
-from proxy.catalog import Catalog
+from proxy.catalog import Catalog, ModelSpec
 from proxy.errors import ModelNotFound
 from proxy.settings import ConfigError, Provider, Settings
+from proxy.settings import Prices as PriceConfig
 
 MAX_ALIAS_DEPTH = 8
 CREDENTIAL_FIELDS = {"demo": [], "azure": ["api_key", "api_base", "api_version"]}  # others: api_key
+
+
+def spec_prices(spec: ModelSpec) -> Prices:
+    """A catalog model's prices."""
+    return Prices(spec.input, spec.output, spec.cached_input, spec.cache_write)
+
+
+def config_prices(prices: PriceConfig) -> Prices:
+    """A configured model's prices (they replace the catalog's whole; absent cache prices mean `input`)."""
+    return Prices(prices.input, prices.output, prices.cached_input, prices.cache_write)
 
 
 class ModelTable:
@@ -34,9 +45,7 @@ class ModelTable:
         for m in settings.models:
             provider = self.providers[m.provider]
             upstream_model = m.model or m.name
-            prices = Prices(m.prices.input, m.prices.output, m.prices.cached_input) if m.prices else self._catalog_prices(
-                provider.id, upstream_model
-            )
+            prices = config_prices(m.prices) if m.prices else self._catalog_prices(provider.id, upstream_model)
             target = self._target(provider, upstream_model, prices)
             for name in (m.name, *m.aliases):
                 self.named[name] = target
@@ -62,7 +71,7 @@ class ModelTable:
 
     def _catalog_prices(self, provider: str, model: str) -> Prices | None:
         spec = self.catalog.models.get(f"{provider}/{model}")
-        return Prices(spec.input, spec.output, spec.cached_input) if spec else None
+        return spec_prices(spec) if spec else None
 
     def _target(self, provider: Provider, model: str, prices: Prices | None) -> Target:
         """The provider's own key (a deployment named after the provider), else its first deployment.
@@ -127,7 +136,7 @@ class ModelTable:
                 return self._target(provider, rest, prices or self._catalog_prices(provider_id, rest))
         for spec in self.catalog.by_name.get(requested, ()):
             if spec.provider in self.providers:
-                return self._target(self.providers[spec.provider], requested, Prices(spec.input, spec.output, spec.cached_input))
+                return self._target(self.providers[spec.provider], requested, spec_prices(spec))
         if target := self.upstream_names.get(requested):
             return target
         raise ModelNotFound(requested)
@@ -142,7 +151,7 @@ class ModelTable:
         for key, spec in self.catalog.models.items():
             if spec.provider in self.providers and key not in out:
                 out[key] = self._describe(key, self._target(
-                    self.providers[spec.provider], spec.name, Prices(spec.input, spec.output, spec.cached_input)
+                    self.providers[spec.provider], spec.name, spec_prices(spec)
                 ), spec.context_window)
         return list(out.values())
 

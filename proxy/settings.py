@@ -74,7 +74,8 @@ class Provider(Struct):
 class Prices(Struct):
     input: float = 0.0  # USD per 1M input tokens
     output: float = 0.0  # USD per 1M output tokens
-    cached_input: float | None = None  # USD per 1M cached input tokens; `input` when absent
+    cached_input: float | None = None  # USD per 1M cached input tokens (cache reads); `input` when absent
+    cache_write: float | None = None  # USD per 1M cache-creation tokens (cache writes); `input` when absent
 
 
 class Model(Struct):

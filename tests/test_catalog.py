@@ -5,6 +5,8 @@ import pytest
 import yaml
 
 from proxy.catalog import Catalog, ModelSpec, ProviderSpec, load_catalog
+from proxy.providers import PROTOCOLS
+from proxy.settings import ENVIRONMENT_PROTOCOLS
 
 OPENAI_COMPATIBLE = {
     "openai",
@@ -33,11 +35,26 @@ def test_loads_and_is_cached(catalog: Catalog) -> None:
 
 
 def test_expected_providers(catalog: Catalog) -> None:
-    assert OPENAI_COMPATIBLE | {"anthropic", "gemini"} <= catalog.providers.keys()
+    assert OPENAI_COMPATIBLE | {"anthropic", "gemini", "azure", "vertex_ai", "bedrock"} <= catalog.providers.keys()
     for pid in OPENAI_COMPATIBLE:
         assert catalog.providers[pid].protocol == "openai"
-    assert catalog.providers["anthropic"].protocol == "anthropic"
-    assert catalog.providers["gemini"].protocol == "gemini"
+    for pid in ("anthropic", "gemini", "azure", "vertex_ai", "bedrock"):
+        assert catalog.providers[pid].protocol == pid
+    assert catalog.providers["vertex_ai"].base_url == "https://aiplatform.googleapis.com"
+    assert catalog.providers["bedrock"].base_url == "https://bedrock-runtime.us-east-1.amazonaws.com"
+
+
+def test_every_protocol_has_an_adapter(catalog: Catalog) -> None:
+    assert {p.protocol for p in catalog.providers.values()} <= PROTOCOLS.keys()
+
+
+def test_environment_keys(catalog: Catalog) -> None:
+    """Providers enabled from the environment name their key; Vertex AI and Bedrock are config-only."""
+    for p in catalog.providers.values():
+        if p.protocol in ENVIRONMENT_PROTOCOLS:
+            assert p.api_key_env, p.id
+    assert catalog.providers["vertex_ai"].protocol not in ENVIRONMENT_PROTOCOLS
+    assert catalog.providers["bedrock"].protocol not in ENVIRONMENT_PROTOCOLS
 
 
 def test_provider_fields(catalog: Catalog) -> None:
@@ -48,7 +65,7 @@ def test_provider_fields(catalog: Catalog) -> None:
             assert p.base_url == ""
         else:
             assert p.base_url.startswith("https://") and not p.base_url.endswith("/")
-        assert p.api_key_env and p.api_key_env.isupper()
+        assert p.api_key_env is None or (p.api_key_env and p.api_key_env.isupper())
 
 
 def test_provider_ids_unique() -> None:
@@ -79,7 +96,26 @@ def test_prices_non_negative(catalog: Catalog) -> None:
     for key, m in catalog.models.items():
         assert m.input >= 0 and m.output >= 0, key
         assert m.cached_input is None or 0 <= m.cached_input <= m.input, key
+        assert m.cache_write is None or m.cache_write >= m.input, key
         assert m.context_window is None or m.context_window > 0, key
+
+
+def test_claude_cache_writes_are_five_minute_rate(catalog: Catalog) -> None:
+    """Claude (Anthropic, Vertex, Bedrock): 5-minute cache writes at 1.25x input, reads at 0.1x."""
+    claude = [m for m in catalog.models.values() if "claude" in m.name]
+    assert {m.provider for m in claude} >= {"anthropic", "vertex_ai", "bedrock"}
+    for m in claude:
+        assert m.cache_write == pytest.approx(m.input * 1.25), m.key
+        assert m.cached_input == pytest.approx(m.input * 0.1), m.key
+
+
+def test_vertex_and_bedrock_models(catalog: Catalog) -> None:
+    vertex = {m.name for m in catalog.models.values() if m.provider == "vertex_ai"}
+    assert "claude-sonnet-4-5@20250929" in vertex and "gemini-2.5-pro" in vertex
+    bedrock = {m.name for m in catalog.models.values() if m.provider == "bedrock"}
+    assert {"anthropic.claude-sonnet-4-5-20250929-v1:0", "amazon.nova-pro-v1:0",
+            "meta.llama3-3-70b-instruct-v1:0"} <= bedrock
+    assert catalog.provider("vertex").id == "vertex_ai"
 
 
 def test_by_name_indexes_every_model(catalog: Catalog) -> None:

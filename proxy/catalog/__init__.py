@@ -11,14 +11,14 @@ import yaml
 
 __all__ = ["Catalog", "ModelSpec", "ProviderSpec", "load_catalog"]
 
-Protocol = Literal["openai", "anthropic", "gemini", "azure"]
+Protocol = Literal["openai", "anthropic", "gemini", "azure", "vertex_ai", "bedrock"]
 
 
 class ProviderSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: str
     protocol: Protocol
     base_url: str  # `/chat/completions` etc. is appended to this
-    api_key_env: str | None
+    api_key_env: str | None  # None: no single key in the environment (e.g. Bedrock's AWS key pair)
     aliases: list[str] = []
     name: str = ""
 
@@ -28,7 +28,8 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     provider: str  # a ProviderSpec.id
     input: float  # USD per 1M uncached prompt tokens
     output: float  # USD per 1M completion tokens
-    cached_input: float | None = None  # USD per 1M prompt-cache hits, where published
+    cached_input: float | None = None  # USD per 1M prompt-cache hits (reads), where published
+    cache_write: float | None = None  # USD per 1M prompt-cache writes (creation), where billed apart
     context_window: int | None = None
 
     @property
