@@ -51,6 +51,7 @@ from proxy.gateway import STREAM_CUT_AT_SHUTDOWN, upstream_error_message
 from proxy.metrics import Metrics
 from proxy.pipeline import Next, StageContext
 from proxy.settings import Cooldowns as CooldownPolicy
+from proxy.sse_anthropic import ERROR_STATUS as ANTHROPIC_ERROR_STATUS
 from proxy.state.cooldowns import Cooldowns
 from proxy.upstream import UpstreamStreamError
 
@@ -257,7 +258,7 @@ class FallbackStage:
             call.upstream_time += _now() - started
         if problem is None:
             payload = _first_data(buffer)
-            error = None
+            error = event = None
             if payload is not None and payload.startswith(b"{") and b'"error"' in payload:
                 event = _error_object(payload)
                 error = event.get("error") if event is not None else None
@@ -265,6 +266,8 @@ class FallbackStage:
                 reply.stream = _replay(buffer, stream)
                 return reply
             code = error.get("code") if isinstance(error, dict) else None
+            if code is None and isinstance(error, dict) and event is not None and event.get("type") == "error":
+                code = ANTHROPIC_ERROR_STATUS.get(error.get("type"))  # Anthropic's `event: error`
             status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 502
             await _close(stream)
             assert payload is not None

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.endpoints import chat, embeddings, health, models
+from proxy.endpoints import anthropic, chat, embeddings, health, models
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
 from proxy.settings import Settings, load_settings
@@ -64,6 +64,8 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
     embeddings_app = embeddings.Embeddings(gateway)
     fast_routes: dict[str, ASGIApp] = {path: chat_completions for path in chat.PATHS}
     fast_routes.update({path: embeddings_app for path in embeddings.PATHS})
+    anthropic_app = anthropic.AnthropicPassthrough(gateway)
+    fast_routes.update({path: anthropic_app for path in anthropic.PATHS})
     post_routes = [Route(path, handler, methods=["POST"]) for path, handler in fast_routes.items()]
     starlette = Starlette(
         routes=[*post_routes, *models.routes(gateway), *health.routes(gateway)],

@@ -28,6 +28,8 @@ from proxy.pipeline import Stage, compose, load_stages
 from proxy.providers import build_adapters
 from proxy.settings import Settings
 from proxy.sse import ChatStreamTap, error_event
+from proxy.sse_anthropic import ERROR_STATUS as ANTHROPIC_ERROR_STATUS
+from proxy.sse_anthropic import AnthropicStreamTap, anthropic_usage, completion_message
 from proxy.state.cooldowns import Cooldowns
 from proxy.upstream import UpstreamClient, UpstreamStreamError
 
@@ -35,6 +37,7 @@ logger = logging.getLogger("llmrelay")
 SHUTDOWN = "llmrelay: shutdown deadline"  # the cancel message that ends a stream at shutdown
 STREAM_CUT_AT_SHUTDOWN = "the gateway shut down before the stream finished"
 CHAT_ONLY = frozenset({"chat"})
+STREAM_DONE = "stream_done"  # call.state key: the relayed piece just yielded completes the answer
 USAGE_ESTIMATED = "usage estimated: the stream ended before the provider reported usage"
 
 
@@ -163,6 +166,9 @@ class Gateway:
         if reply.status >= 400:
             call.error = upstream_error_message(data, reply.status)
             return
+        if call.client_format == "anthropic":
+            self._account_anthropic(call, data)
+            return
         call.usage = Usage.from_openai(data.get("usage"))
         if isinstance(data.get("model"), str):
             call.response_model = data["model"]
@@ -172,7 +178,21 @@ class Gateway:
         if isinstance(choices, list) and not call.params.disable_log:
             call.completion = [c.get("message") for c in choices if isinstance(c, dict)]
 
+    def _account_anthropic(self, call: Call, data: dict[str, Any]) -> None:
+        """A native Anthropic answer: a Message, or count_tokens' {"input_tokens": N}."""
+        if call.endpoint == "anthropic.count_tokens":
+            tokens = data.get("input_tokens")
+            call.usage = Usage(prompt_tokens=tokens if isinstance(tokens, int) and tokens > 0 else 0)
+            return
+        call.usage = anthropic_usage(data.get("usage"))
+        if isinstance(data.get("model"), str):
+            call.response_model = data["model"]
+        if not call.params.disable_log:
+            call.completion = [completion_message(data.get("content"), data.get("stop_reason"))]
+
     def account_cost(self, call: Call) -> None:
+        if call.endpoint == "anthropic.count_tokens":
+            return  # counting tokens costs nothing
         target = call.target
         if target is not None and target.prices is not None:
             call.cost = target.prices.cost(call.usage)
@@ -215,7 +235,69 @@ class Gateway:
         if not call.params.disable_log:
             call.completion = tap.messages()
 
-    async def relay(self, call: Call, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    def relay(self, call: Call, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The relay for the Call's client format: OpenAI chat SSE (ChatStreamTap), or a native
+        Anthropic stream passed through byte for byte (AnthropicStreamTap)."""
+        if call.client_format == "anthropic":
+            return self._relay_native(call, stream, AnthropicStreamTap(keep_content=not call.params.disable_log))
+        return self._relay_openai(call, stream)
+
+    async def _relay_native(self, call: Call, stream: AsyncIterator[bytes],
+                            tap: AnthropicStreamTap) -> AsyncIterator[bytes]:
+        """Relay a native (passthrough) stream unchanged, and account it from what the tap reads.
+
+        Complete means message_stop seen. A break after the first byte ends the stream with an
+        Anthropic `error` event; nothing else is ever added."""
+        call.status_code = 200
+        upstream_wait = time.perf_counter()
+        completed = False
+        try:
+            async for chunk in stream:
+                now = time.perf_counter()
+                call.upstream_time += now - upstream_wait
+                out = tap.feed(chunk)
+                if call.ttft is None and tap.saw_content:
+                    call.ttft = now - call.started
+                if out:
+                    if tap.done:  # this piece ends the answer (it holds the whole closing event)
+                        call.state[STREAM_DONE] = True
+                    yield out
+                upstream_wait = time.perf_counter()
+            call.upstream_time += time.perf_counter() - upstream_wait
+            tap.flush()
+            if tap.error is not None:
+                kind = tap.error.get("type")
+                call.status_code = ANTHROPIC_ERROR_STATUS.get(kind, 502) if isinstance(kind, str) else 502
+                call.error = upstream_error_message({"error": tap.error}, call.status_code)
+            elif not tap.done:
+                call.status_code = 502
+                call.error = f"provider '{call.target.provider if call.target else '?'}' ended the stream early"
+                yield tap.error_event(call.error)
+            completed = True
+        except UpstreamStreamError as exc:
+            if not tap.done:  # after message_stop the answer is complete: a late break changes nothing
+                call.status_code = 502
+                call.error = str(exc)
+                yield tap.error_event(call.error)
+            completed = True
+        finally:
+            if not completed and self.streams_ended:
+                call.status_code = 503
+                call.error = STREAM_CUT_AT_SHUTDOWN
+            elif not completed:
+                call.status_code = 499
+                call.error = f"client disconnected after {tap.events} events"
+            call.usage = tap.final_usage()
+            call.response_model = tap.model
+            if not call.params.disable_log:
+                call.completion = tap.messages()
+            self.metrics.in_flight.dec()
+            self.finish(call)
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None and not completed:
+                await aclose()
+
+    async def _relay_openai(self, call: Call, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Relay an OpenAI-format SSE stream to the client as it arrives, and account it.
 
         A provider that breaks after the first byte ends the client's stream with an SSE error
@@ -263,9 +345,10 @@ class Gateway:
                     yield error_event(call.error)
             completed = True
         except UpstreamStreamError as exc:
-            call.status_code = 502
-            call.error = str(exc)
-            yield error_event(call.error)
+            if not tap.done:  # after [DONE] the answer is complete: a late break changes nothing
+                call.status_code = 502
+                call.error = str(exc)
+                yield error_event(call.error)
             completed = True
         finally:
             if not completed and self.streams_ended:

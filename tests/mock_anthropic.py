@@ -18,6 +18,8 @@ thread, records every request (path, headers, JSON body) and picks its behaviour
   claude-split             the normal stream, written a few bytes at a time with CRLF line ends
   claude-slow              a stream of 200 text deltas, one every 50 ms (client-disconnect tests)
 
+`POST /v1/messages/count_tokens` answers `{"input_tokens": len(JSON of system, messages, tools) // 4}`.
+
 It checks what the real API would refuse (400 invalid_request_error): no x-api-key (or
 `Authorization: Bearer`, what the SDKs since API version 2026-10-21 send) or anthropic-version,
 temperature / top_p / top_k on version 2026-10-21 or later, no max_tokens, turns that do not alternate user/assistant, empty text
@@ -138,6 +140,7 @@ class MockAnthropic:
         asyncio.set_event_loop(self._loop)
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         runner = self._runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(runner.setup())
         self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
@@ -195,6 +198,17 @@ class MockAnthropic:
                 "usage": self.usage(model)}
         return web.Response(body=orjson.dumps(data), content_type="application/json",
                             headers={"request-id": "req_mock_ok"})
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """`{"input_tokens": N}`: N is the length of the JSON of the messages (and system), over 4."""
+        body = await request.json(loads=orjson.loads)
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        if not request.headers.get("x-api-key") and not request.headers.get("authorization", "").startswith("Bearer "):
+            return web.json_response(error_body("authentication_error", "x-api-key header is required"), status=401)
+        if not isinstance(body, dict) or not body.get("messages") or "max_tokens" in body or "stream" in body:
+            return web.json_response(error_body("invalid_request_error", "bad count_tokens request"), status=400)
+        size = len(orjson.dumps([body.get("system"), body["messages"], body.get("tools")]))
+        return web.json_response({"input_tokens": size // 4})
 
     def events(self, model: str) -> list[bytes]:
         usage = self.usage(model)

@@ -10,6 +10,7 @@ picks the behaviour:
   mock-slow-N       the same with N chunks
   mock-no-done      a stream that ends cleanly but without [DONE] and without a finish_reason
   mock-tools        answers with a tool call (streamed as tool_call deltas)
+  mock-linger       a normal stream whose response stays open 0.5 s after [DONE]
 
 Failure scenarios for fallbacks, retries and cooldowns (anything after the prefix is free text,
 so a test can make its name unique):
@@ -308,6 +309,8 @@ class MockUpstream:
             if wants_usage:
                 await response.write(chunk(model, None, usage=USAGE))
             await response.write(b"data: [DONE]\n\n")
+            if model == "mock-linger":  # the answer is complete, but the response stays open a while
+                await asyncio.sleep(0.5)
             return response
         except (ConnectionResetError, asyncio.CancelledError):
             self.stream_closed_early.append({"model": model, "sent": sent})

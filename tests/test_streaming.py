@@ -282,3 +282,18 @@ def test_stream_disable_log_keeps_tokens_drops_content(gateway, mock):
     assert (record["prompt_tokens"], record["completion_tokens"]) == (11, 7)
     assert record["prompt_messages"] is None
     assert record["completion_message"] is None
+
+
+def test_a_client_that_leaves_right_after_done_is_not_a_disconnect(gateway, mock):
+    """The provider keeps its response open after [DONE]; the client has its whole answer and leaves.
+    That is a complete request (200), not a client that went away mid-stream (499)."""
+    with httpx.stream("POST", f"{gateway.url}/api/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "mock/mock-linger", "stream": True,
+                             "messages": [{"role": "user", "content": "hi"}]}, timeout=10) as response:
+        log_id = response.headers["x-respan-log-id"]
+        for line in response.iter_lines():
+            if line == "data: [DONE]":
+                break
+    record = gateway.record(log_id, timeout=5)
+    assert record["status_code"] == 200 and record["error_message"] == ""
+    assert record["completion_tokens"] == 7

@@ -76,6 +76,15 @@ class ChatCompletions:
     async def send_whole(self, call: Call, reply: Reply, send: Send) -> None:
         await send_whole(self.gateway, call, reply, send)
 
+    @staticmethod
+    def is_last(call: Call, data: bytes) -> bool:
+        """Whether this piece of the stream ends it (for OpenAI chat: `data: [DONE]`)."""
+        return data.endswith(DONE_EVENT)
+
+    @staticmethod
+    def shutdown_event() -> bytes:
+        return error_event(STREAM_CUT_AT_SHUTDOWN, type="shutdown", code=503)
+
     async def send_stream(self, call: Call, reply: Reply, receive: Receive, send: Send) -> None:
         """Relay chunk by chunk. A client that leaves cancels the relay at once, wherever it waits."""
         assert reply.stream is not None
@@ -105,9 +114,11 @@ class ChatCompletions:
             async for data in relay:  # run the relay to its end, so it accounts the whole stream
                 if ended:
                     continue
-                # nothing follows [DONE]: end the response with it, saving one send
-                ended = data.endswith(DONE_EVENT)
+                # nothing follows the last event: end the response with it, saving one send
+                ended = self.is_last(call, data)
                 await send({"type": "http.response.body", "body": data, "more_body": not ended})
+                if ended:  # the client has its whole answer: its leaving now is no disconnect
+                    watcher.cancel()
             if not ended:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError as exc:
@@ -116,7 +127,7 @@ class ChatCompletions:
             else:
                 raise
             if not disconnected:  # the shutdown deadline passed: say so, then end the stream
-                event = error_event(STREAM_CUT_AT_SHUTDOWN, type="shutdown", code=503)
+                event = self.shutdown_event()
                 with contextlib.suppress(OSError):
                     await send({"type": "http.response.body", "body": event, "more_body": False})
         except OSError:  # the server could not write: the client is gone

@@ -10,7 +10,8 @@ import orjson
 from proxy.call import Call
 from proxy.logs.record import LogRecord
 
-LOG_TYPES = {"chat": "chat", "embeddings": "embedding"}  # Call.endpoint -> log_type (spec 2.5)
+LOG_TYPES = {"chat": "chat", "embeddings": "embedding", "anthropic.messages": "chat",
+             "anthropic.count_tokens": "count_tokens"}  # Call.endpoint -> log_type (spec 2.5)
 
 
 def _tokens_per_second(call: Call, latency: float) -> float | None:
@@ -85,6 +86,8 @@ def record_for(call: Call) -> LogRecord:
     elif not params.disable_log:
         body = call.body
         record.prompt_messages = body.get("messages") if isinstance(body.get("messages"), list) else None
+        if call.client_format == "anthropic" and record.prompt_messages is not None and body.get("system"):
+            record.prompt_messages = [{"role": "system", "content": body["system"]}, *record.prompt_messages]
         record.tools = body.get("tools") if isinstance(body.get("tools"), list) else None
         completion: Any = call.completion
         if isinstance(completion, list):

@@ -679,7 +679,28 @@ def reply_headers(response: UpstreamResponse) -> dict[str, str]:
     return headers
 
 
+NATIVE_ENDPOINTS = frozenset({"chat", "anthropic.messages", "anthropic.count_tokens"})
+CLIENT_HEADERS = ("anthropic-version", "anthropic-beta")  # a native client's own headers, kept
+
+
+def native_error_body(status: int, raw: bytes) -> bytes:
+    """An upstream error for a native Anthropic client: Anthropic's own error body as it is, or
+    (a body of another shape) one in Anthropic's format."""
+    try:
+        data = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("error"), dict):
+        return raw
+    kind = STATUS_ERROR_TYPE.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    message = raw[:500].decode("utf-8", "replace").strip() or f"upstream returned HTTP {status}"
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+
 class AnthropicMessages:
+    endpoints = NATIVE_ENDPOINTS
+    native_version_header = True  # Vertex AI takes the version in the body instead
+
     def __init__(self, config: Provider, timeouts: Timeouts, upstream: UpstreamClient) -> None:
         self.config = config
         self.timeouts = config.timeouts or timeouts
@@ -723,7 +744,69 @@ class AnthropicMessages:
         """The Messages request body (a hook: Vertex AI moves the model to the URL)."""
         return to_anthropic(call.body, target.model, stream=call.stream, sampling=self.sampling)
 
+    # -- the native passthrough (client_format "anthropic") ---------------------------------
+
+    def native_url(self, call: Call, target: Target) -> str:
+        url = self.url(target, call.stream)
+        return url + "/count_tokens" if call.endpoint == "anthropic.count_tokens" else url
+
+    def native_body(self, call: Call, target: Target) -> dict[str, Any]:
+        """The client's body as it is, with the target's upstream model (metadata already cleaned)."""
+        return {**call.body, "model": target.model}
+
+    def native_headers(self, call: Call, target: Target) -> dict[str, str]:
+        headers = dict(self.request_headers(target))
+        for name in CLIENT_HEADERS:
+            value = call.headers.get(name)
+            if value and (name != "anthropic-version" or self.native_version_header):
+                headers[name] = value
+        extra = call.params.extra_headers
+        if extra:
+            headers.update(extra)
+        return headers
+
+    async def send_native(self, call: Call, target: Target) -> Reply:
+        """Forward the Anthropic request as it is; the answer's bytes come back unchanged."""
+        body = orjson.dumps(self.native_body(call, target))
+        stream = call.stream and call.endpoint == "anthropic.messages"
+        read_timeout = call.params.timeout or target.timeout or (
+            self.timeouts.stream_idle if stream else self.timeouts.read
+        )
+        started = time.perf_counter()
+        try:
+            response = await self.upstream.post(
+                target.provider,
+                self.native_url(call, target),
+                self.native_headers(call, target),
+                body,
+                connect_timeout=self.timeouts.connect,
+                read_timeout=read_timeout,
+                stream=stream,
+                max_connections=self.config.max_connections,
+            )
+            headers = reply_headers(response)
+            if stream and response.status < 400:
+                return Reply(200, stream=self._native_stream(response), headers=headers,
+                             media_type="text/event-stream")
+            raw = await response.read()
+        finally:
+            call.upstream_time += time.perf_counter() - started
+        if response.status >= 400:
+            return Reply(response.status, body=native_error_body(response.status, raw), headers=headers)
+        return Reply(response.status, body=raw, headers=headers)
+
+    @staticmethod
+    async def _native_stream(response: UpstreamResponse) -> AsyncIterator[bytes]:
+        chunks = response.chunks()
+        try:
+            async for data in chunks:
+                yield data
+        finally:
+            await chunks.aclose()
+
     async def send(self, call: Call, target: Target) -> Reply:
+        if call.client_format == "anthropic":
+            return await self.send_native(call, target)
         body = orjson.dumps(self.request_body(call, target))
         if not self.sampling and any(call.body.get(k) is not None for k in SAMPLING_PARAMS):
             warning = (f"temperature, top_p and top_k are not sent: anthropic-version "

@@ -49,7 +49,7 @@ import msgspec
 import orjson
 
 from proxy.call import Call, Reply, Target
-from proxy.errors import UpstreamUnavailable, ValidationFailed
+from proxy.errors import BadRequest, UpstreamUnavailable, ValidationFailed
 from proxy.providers.anthropic import AnthropicMessages
 from proxy.providers.gemini import GeminiGenerateContent
 from proxy.providers.google_auth import InvalidServiceAccount, ServiceAccount, TokenCache
@@ -106,6 +106,15 @@ class _VertexGemini(GeminiGenerateContent):
 
 
 class _VertexAnthropic(AnthropicMessages):
+    native_version_header = False
+
+    def native_url(self, call: Call, target: Target) -> str:
+        return self.url(target, call.stream)
+
+    def native_body(self, call: Call, target: Target) -> dict[str, Any]:
+        body = {k: v for k, v in call.body.items() if k != "model"}
+        return {"anthropic_version": self.vertex_version, **body}
+
     def __init__(self, config: Provider, timeouts: Timeouts, upstream: UpstreamClient) -> None:
         version = config.api_version if (config.api_version or "").startswith("vertex-") else None
         super().__init__(msgspec.structs.replace(config, api_version=None), timeouts, upstream)
@@ -125,6 +134,8 @@ class _VertexAnthropic(AnthropicMessages):
 
 
 class VertexAI:
+    endpoints = frozenset({"chat", "anthropic.messages"})  # native Anthropic: Claude models only
+
     def __init__(self, config: Provider, timeouts: Timeouts, upstream: UpstreamClient) -> None:
         self.config = config
         self.timeouts = config.timeouts or timeouts
@@ -208,6 +219,8 @@ class VertexAI:
         return account, f"{root}/v1/projects/{project}/locations/{location}", headers
 
     async def send(self, call: Call, target: Target) -> Reply:
+        if call.client_format == "anthropic" and not is_claude(target.model):
+            raise BadRequest(f"Provider '{target.provider}' serves Anthropic-format requests for Claude models only")
         account, prefix, headers = self.resolve(target)
         token = await self.tokens.token(target.provider, account)
         headers["Authorization"] = f"Bearer {token}"

@@ -1,0 +1,188 @@
+"""A tap on a native Anthropic Messages SSE stream (the /api/anthropic passthrough).
+
+The relay forwards every upstream chunk unchanged (the very same bytes object); on the way the
+tap reads the events: usage (message_start: input and cache tokens; message_delta: output
+tokens), the served model, text and tool_use content for the log, stop_reason, `error` events
+and message_stop (the stream is complete). It never adds anything to the stream except, when the
+relay asks for it, the Anthropic-format `error` event that ends a broken stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.call import Usage
+from proxy.sse import SSEDecoder
+
+# Anthropic error type -> HTTP status, for the log of a stream that ended with an error event
+ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+
+def anthropic_error_event(message: str, kind: str = "api_error") -> bytes:
+    data = {"type": "error", "error": {"type": kind, "message": message}}
+    return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def anthropic_usage(usage: Any) -> Usage:
+    """Anthropic usage -> Usage: prompt = input + cache creation + cache read tokens."""
+    usage = usage if isinstance(usage, dict) else {}
+
+    def count(key: str) -> int:
+        value = usage.get(key)
+        return value if isinstance(value, int) and value > 0 else 0
+
+    created, read = count("cache_creation_input_tokens"), count("cache_read_input_tokens")
+    return Usage(prompt_tokens=count("input_tokens") + created + read, completion_tokens=count("output_tokens"),
+                 cached_tokens=read, cache_creation_tokens=created)
+
+
+def completion_message(content: Any, stop_reason: Any = None) -> dict[str, Any]:
+    """Anthropic content blocks -> one assistant message for the log (OpenAI-shaped tool_calls)."""
+    texts: list[str] = []
+    thinking: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    for block in content if isinstance(content, list) else ():
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            thinking.append(block["thinking"])
+        elif kind in ("tool_use", "server_tool_use"):
+            arguments = block.get("input")
+            tool_calls.append({"id": block.get("id"), "type": "function", "function": {
+                "name": block.get("name"),
+                "arguments": arguments if isinstance(arguments, str) else orjson.dumps(arguments or {}).decode()}})
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+    if thinking:
+        message["reasoning_content"] = "".join(thinking)
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    if stop_reason:
+        message["stop_reason"] = stop_reason
+    return message
+
+
+class AnthropicStreamTap:
+    __slots__ = ("keep_content", "_decoder", "usage", "model", "done", "stop_reason", "saw_content", "error",
+                 "events", "content_deltas", "_blocks")
+
+    def __init__(self, *, keep_content: bool = True) -> None:
+        self.keep_content = keep_content
+        self._decoder = SSEDecoder()
+        self.usage: dict[str, Any] = {}
+        self.model: str | None = None
+        self.done = False  # message_stop seen
+        self.stop_reason: str | None = None
+        self.saw_content = False
+        self.error: Any = None  # the `error` object of an error event
+        self.events = 0
+        self.content_deltas = 0
+        self._blocks: dict[int, dict[str, Any]] = {}
+
+    @property
+    def pending(self) -> bool:
+        """A partial event was forwarded: an appended event must start on a fresh line."""
+        return bool(self._decoder._tail)
+
+    def feed(self, data: bytes) -> bytes:
+        """Read the events in `data`; return `data` itself (forwarded unchanged)."""
+        for name, payload in self._decoder.feed(data):
+            self._scan(name, payload)
+        return data
+
+    def flush(self) -> bytes:
+        for name, payload in self._decoder.flush():
+            self._scan(name, payload)
+        return b""
+
+    def error_event(self, message: str, kind: str = "api_error") -> bytes:
+        event = anthropic_error_event(message, kind)
+        return b"\n\n" + event if self.pending else event
+
+    def _scan(self, name: str | None, payload: bytes) -> None:
+        self.events += 1
+        try:
+            event = orjson.loads(payload) if payload else None
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(event, dict):
+            return
+        kind = event.get("type") or name
+        if kind == "content_block_delta":
+            self.saw_content = True
+            self.content_deltas += 1
+            if self.keep_content:
+                delta = event.get("delta") or {}
+                block = self._blocks.get(event.get("index", 0))
+                if block is not None and isinstance(delta, dict):
+                    dtype = delta.get("type")
+                    if dtype == "text_delta":
+                        block["text"] = block.get("text", "") + (delta.get("text") or "")
+                    elif dtype == "input_json_delta":
+                        block["_json"] = block.get("_json", "") + (delta.get("partial_json") or "")
+                    elif dtype == "thinking_delta":
+                        block["thinking"] = block.get("thinking", "") + (delta.get("thinking") or "")
+        elif kind == "content_block_start":
+            block = event.get("content_block")
+            if isinstance(block, dict):
+                if block.get("type") != "text" or block.get("text"):
+                    self.saw_content = True
+                if self.keep_content:
+                    self._blocks[event.get("index", 0)] = dict(block)
+        elif kind == "message_start":
+            message = event.get("message") or {}
+            if isinstance(message, dict):
+                if isinstance(message.get("model"), str):
+                    self.model = message["model"]
+                self._usage(message.get("usage"))
+        elif kind == "message_delta":
+            self._usage(event.get("usage"))
+            delta = event.get("delta")
+            if isinstance(delta, dict) and delta.get("stop_reason"):
+                self.stop_reason = delta["stop_reason"]
+        elif kind == "message_stop":
+            self.done = True
+        elif kind == "error":
+            self.error = event.get("error") if isinstance(event.get("error"), dict) else {"type": "api_error"}
+
+    def _usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            for key, value in usage.items():
+                if isinstance(value, int):
+                    self.usage[key] = value
+
+    def final_usage(self) -> Usage:
+        usage = anthropic_usage(self.usage)
+        if not self.done and self.content_deltas > usage.completion_tokens:
+            usage.completion_tokens = self.content_deltas  # cut short: at least a token a delta
+        return usage
+
+    def messages(self) -> list[dict[str, Any]]:
+        if not self._blocks and self.stop_reason is None:
+            return []
+        blocks = []
+        for index in sorted(self._blocks):
+            block = dict(self._blocks[index])
+            raw = block.pop("_json", None)
+            if raw is not None:
+                try:
+                    block["input"] = orjson.loads(raw) if raw else {}
+                except orjson.JSONDecodeError:
+                    block["input"] = raw
+            blocks.append(block)
+        return [completion_message(blocks, self.stop_reason)]
