@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.endpoints import anthropic, chat, embeddings, health, models
+from proxy.endpoints import anthropic, chat, embeddings, health, models, responses
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
 from proxy.settings import Settings, load_settings
@@ -66,6 +66,8 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
     fast_routes.update({path: embeddings_app for path in embeddings.PATHS})
     anthropic_app = anthropic.AnthropicPassthrough(gateway)
     fast_routes.update({path: anthropic_app for path in anthropic.PATHS})
+    responses_app = responses.Responses(gateway)
+    fast_routes.update({path: responses_app for path in responses.PATHS})
     post_routes = [Route(path, handler, methods=["POST"]) for path, handler in fast_routes.items()]
     starlette = Starlette(
         routes=[*post_routes, *models.routes(gateway), *health.routes(gateway)],

@@ -28,8 +28,8 @@ from proxy.pipeline import Stage, compose, load_stages
 from proxy.providers import build_adapters
 from proxy.settings import Settings
 from proxy.sse import ChatStreamTap, error_event
-from proxy.sse_anthropic import ERROR_STATUS as ANTHROPIC_ERROR_STATUS
 from proxy.sse_anthropic import AnthropicStreamTap, anthropic_usage, completion_message
+from proxy.sse_responses import ResponsesStreamTap, output_message, responses_usage
 from proxy.state.cooldowns import Cooldowns
 from proxy.upstream import UpstreamClient, UpstreamStreamError
 
@@ -169,6 +169,9 @@ class Gateway:
         if call.client_format == "anthropic":
             self._account_anthropic(call, data)
             return
+        if call.client_format == "responses":
+            self._account_responses(call, data)
+            return
         call.usage = Usage.from_openai(data.get("usage"))
         if isinstance(data.get("model"), str):
             call.response_model = data["model"]
@@ -189,6 +192,14 @@ class Gateway:
             call.response_model = data["model"]
         if not call.params.disable_log:
             call.completion = [completion_message(data.get("content"), data.get("stop_reason"))]
+
+    def _account_responses(self, call: Call, data: dict[str, Any]) -> None:
+        """A native Responses API answer: a Response object."""
+        call.usage = responses_usage(data.get("usage"))
+        if isinstance(data.get("model"), str):
+            call.response_model = data["model"]
+        if not call.params.disable_log:
+            call.completion = [output_message(data.get("output"))]
 
     def account_cost(self, call: Call) -> None:
         if call.endpoint == "anthropic.count_tokens":
@@ -237,17 +248,21 @@ class Gateway:
 
     def relay(self, call: Call, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """The relay for the Call's client format: OpenAI chat SSE (ChatStreamTap), or a native
-        Anthropic stream passed through byte for byte (AnthropicStreamTap)."""
+        Anthropic stream passed through byte for byte (AnthropicStreamTap), or a native Responses
+        API stream, likewise (ResponsesStreamTap)."""
         if call.client_format == "anthropic":
             return self._relay_native(call, stream, AnthropicStreamTap(keep_content=not call.params.disable_log))
+        if call.client_format == "responses":
+            return self._relay_native(call, stream, ResponsesStreamTap(keep_content=not call.params.disable_log))
         return self._relay_openai(call, stream)
 
     async def _relay_native(self, call: Call, stream: AsyncIterator[bytes],
-                            tap: AnthropicStreamTap) -> AsyncIterator[bytes]:
+                            tap: AnthropicStreamTap | ResponsesStreamTap) -> AsyncIterator[bytes]:
         """Relay a native (passthrough) stream unchanged, and account it from what the tap reads.
 
-        Complete means message_stop seen. A break after the first byte ends the stream with an
-        Anthropic `error` event; nothing else is ever added."""
+        Complete means the format's closing event seen (Anthropic message_stop; Responses
+        response.completed / incomplete / failed). A break after the first byte ends the stream
+        with an `error` event in the client's format; nothing else is ever added."""
         call.status_code = 200
         upstream_wait = time.perf_counter()
         completed = False
@@ -266,8 +281,7 @@ class Gateway:
             call.upstream_time += time.perf_counter() - upstream_wait
             tap.flush()
             if tap.error is not None:
-                kind = tap.error.get("type")
-                call.status_code = ANTHROPIC_ERROR_STATUS.get(kind, 502) if isinstance(kind, str) else 502
+                call.status_code = tap.error_status()
                 call.error = upstream_error_message({"error": tap.error}, call.status_code)
             elif not tap.done:
                 call.status_code = 502

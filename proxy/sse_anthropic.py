@@ -114,6 +114,11 @@ class AnthropicStreamTap:
         event = anthropic_error_event(message, kind)
         return b"\n\n" + event if self.pending else event
 
+    def error_status(self) -> int:
+        """The HTTP status of the error event seen (for the log)."""
+        kind = self.error.get("type") if isinstance(self.error, dict) else None
+        return ERROR_STATUS.get(kind, 502) if isinstance(kind, str) else 502
+
     def _scan(self, name: str | None, payload: bytes) -> None:
         self.events += 1
         try:

@@ -40,6 +40,13 @@ the same model-name scripts (mock-status-CODE and the failure scenarios above; o
 deployment name). An answer has one deterministic vector per input (`dimensions` long, default
 EMBEDDING_DIMENSIONS; base64 little-endian float32 with `encoding_format: base64`) and usage
 `prompt_tokens == total_tokens == EMBEDDING_TOKENS_PER_INPUT * inputs`.
+
+Responses API: `POST /v1/responses`, and Azure's `POST /openai/responses?api-version=...` and
+`POST /openai/v1/responses` (on `root_url`), take the model-name scripts of embeddings (the body's
+`model` on every route). An answer is a Response whose output text is WORDS joined and whose usage
+is RESPONSES_USAGE; a stream sends response.created, response.output_text.delta per word,
+response.output_text.done and response.completed (with usage). `mock-cut-N` streams N deltas and
+drops the connection; `mock-stream-error-CODE` streams response.created then response.failed.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ WORDS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", 
 
 EMBEDDING_DIMENSIONS = 4
 EMBEDDING_TOKENS_PER_INPUT = 5
+RESPONSES_USAGE = {"input_tokens": 13, "input_tokens_details": {"cached_tokens": 3}, "output_tokens": 9,
+                   "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 22}
 
 
 def mock_vector(index: int, dimensions: int) -> list[float]:
@@ -153,6 +162,9 @@ class MockUpstream:
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure_chat)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/openai/deployments/{deployment}/embeddings", self.azure_embeddings)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/openai/responses", self.responses)
+        app.router.add_post("/openai/v1/responses", self.responses)
         runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(runner.setup())
         self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
@@ -186,6 +198,63 @@ class MockUpstream:
         if not request.query.get("api-version"):
             return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
         return await self.embed(body, deployment)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json(loads=orjson.loads)
+        record: dict[str, Any] = {"path": request.path, "headers": dict(request.headers), "body": body}
+        if request.path.startswith("/openai/"):
+            record.update(query=dict(request.query), azure=True)
+        self.requests.append(record)
+        if request.path == "/openai/responses" and not request.query.get("api-version"):
+            return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
+        model = body.get("model", "")
+        count = self.counts[model] = self.counts.get(model, 0) + 1
+        if model.startswith("mock-status-"):
+            status = int(model.rsplit("-", 1)[1])
+            return _error(status, f"mock upstream error {status}", {"x-request-id": "req-mock"})
+        failure = await self.failure(model, count)
+        if failure is not None:
+            return failure
+        text = "".join(WORDS)
+        message = {"id": "msg_mock", "type": "message", "status": "completed", "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        response: dict[str, Any] = {"id": "resp_mock", "object": "response", "created_at": 1, "status": "completed",
+                                    "model": model, "output": [message], "usage": RESPONSES_USAGE,
+                                    "error": None, "incomplete_details": None, "parallel_tool_calls": True,
+                                    "tool_choice": "auto", "tools": []}
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps(response), content_type="application/json")
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        seq = 0
+
+        async def event(data: dict[str, Any]) -> None:
+            nonlocal seq
+            data["sequence_number"] = seq
+            seq += 1
+            await stream.write(f"event: {data['type']}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n")
+
+        try:
+            start = {**response, "status": "in_progress", "output": [], "usage": None}
+            await event({"type": "response.created", "response": start})
+            if model.startswith("mock-stream-error-"):
+                failed = {**start, "status": "failed", "error": {"code": "server_error", "message": "mock failure"}}
+                await event({"type": "response.failed", "response": failed})
+                return stream
+            words = WORDS[: int(model.rsplit("-", 1)[1])] if model.startswith("mock-cut-") else WORDS
+            for word in words:
+                await event({"type": "response.output_text.delta", "item_id": "msg_mock", "output_index": 0,
+                             "content_index": 0, "delta": word})
+            if model.startswith("mock-cut-"):
+                await asyncio.sleep(0.05)
+                request.transport.close()
+                return stream
+            await event({"type": "response.output_text.done", "item_id": "msg_mock", "output_index": 0,
+                         "content_index": 0, "text": text})
+            await event({"type": "response.completed", "response": response})
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stream_closed_early.append({"model": model, "sent": seq})
+        return stream
 
     async def embed(self, body: dict[str, Any], model: str) -> web.Response:
         count = self.counts[model] = self.counts.get(model, 0) + 1

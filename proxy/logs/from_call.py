@@ -11,7 +11,7 @@ from proxy.call import Call
 from proxy.logs.record import LogRecord
 
 LOG_TYPES = {"chat": "chat", "embeddings": "embedding", "anthropic.messages": "chat",
-             "anthropic.count_tokens": "count_tokens"}  # Call.endpoint -> log_type (spec 2.5)
+             "anthropic.count_tokens": "count_tokens", "responses": "response"}  # Call.endpoint -> log_type (spec 2.5)
 
 
 def _tokens_per_second(call: Call, latency: float) -> float | None:
@@ -76,7 +76,8 @@ def record_for(call: Call) -> LogRecord:
         environment=call.key.environment if call.key else None,
         ip_address=call.client_ip,
         temperature=_number(call.body.get("temperature")),
-        max_tokens=_int(call.body.get("max_tokens") or call.body.get("max_completion_tokens")),
+        max_tokens=_int(call.body.get("max_tokens") or call.body.get("max_completion_tokens")
+                        or call.body.get("max_output_tokens")),
     )
     if not params.disable_log and call.endpoint == "embeddings":
         # The prompt is the `input`, logged in full_request (the provider params: model, input,
@@ -86,6 +87,8 @@ def record_for(call: Call) -> LogRecord:
     elif not params.disable_log:
         body = call.body
         record.prompt_messages = body.get("messages") if isinstance(body.get("messages"), list) else None
+        if call.endpoint == "responses":  # the prompt is `input` (a string, or a list of items)
+            record.prompt_messages = _responses_prompt(body)
         if call.client_format == "anthropic" and record.prompt_messages is not None and body.get("system"):
             record.prompt_messages = [{"role": "system", "content": body["system"]}, *record.prompt_messages]
         record.tools = body.get("tools") if isinstance(body.get("tools"), list) else None
@@ -99,6 +102,15 @@ def record_for(call: Call) -> LogRecord:
             calls = [tc for m in completion if isinstance(m, dict) for tc in (m.get("tool_calls") or [])]
             record.tool_calls = calls or None
     return record
+
+
+def _responses_prompt(body: dict[str, Any]) -> list[Any] | None:
+    value = body.get("input")
+    items: list[Any] = [{"role": "user", "content": value}] if isinstance(value, str) else (
+        list(value) if isinstance(value, list) else [])
+    if isinstance(body.get("instructions"), str) and body["instructions"]:
+        items.insert(0, {"role": "system", "content": body["instructions"]})
+    return items or None
 
 
 def _number(value: Any) -> float | None:

@@ -20,6 +20,11 @@ URL
       over the Target's model; its own query is kept, `api-version` set as above.
     * An embeddings Call (`call.endpoint == "embeddings"`) uses the same URLs with `/embeddings`
       in place of `/chat/completions`.
+    * A Responses API Call (`call.endpoint == "responses"`) has no deployment in its URL (the
+      deployment travels as the body's `model`): `{base_url}/openai/responses?api-version=...`
+      (the resource root of a full deployment URL), or `{base_url}/openai/v1/responses` with the
+      v1 API. The dated Responses API needs 2025-03-01-preview or later: without a configured
+      or requested version it uses RESPONSES_API_VERSION (not DEFAULT_API_VERSION).
     * `api_version: v1`, or a base URL ending in `/openai/v1`, selects Azure's v1 API:
       `{base_url}/openai/v1/chat/completions` without an api-version query; the deployment name
       travels as the body's `model` (which is always sent, and which the dated API ignores).
@@ -44,6 +49,7 @@ from proxy.settings import ConfigError, Provider, Timeouts
 from proxy.upstream import UpstreamClient
 
 DEFAULT_API_VERSION = "2024-10-21"  # the GA data-plane inference version
+RESPONSES_API_VERSION = "2025-04-01-preview"  # the dated Responses API is preview-only
 V1 = "v1"
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DEPLOYMENTS = "/openai/deployments/"
@@ -91,7 +97,18 @@ def chat_url(base: BaseURL, deployment: str, api_version: str, path: str = CHAT)
     return f"{base.root}/openai/deployments/{quote(deployment, safe='')}{path}?api-version={api_version}"
 
 
+def responses_url(base: BaseURL, api_version: str) -> str:
+    """The Responses API URL (no deployment segment; api_version already resolved)."""
+    root = base.root.split(_DEPLOYMENTS, 1)[0] if base.full else base.root
+    if base.v1 or api_version == V1:
+        return f"{root}/openai/v1/responses"
+    query = urlencode([*base.query, ("api-version", api_version)]) if base.full else f"api-version={api_version}"
+    return f"{root}/openai/responses?{query}"
+
+
 class AzureOpenAI(OpenAICompatible):
+    endpoints = frozenset({"chat", "embeddings", "responses"})
+
     def __init__(self, config: Provider, timeouts: Timeouts, upstream: UpstreamClient) -> None:
         super().__init__(config, timeouts, upstream)
         if config.api_version is not None and not valid_version(config.api_version):
@@ -120,10 +137,14 @@ class AzureOpenAI(OpenAICompatible):
         url = self._urls.get(key)
         if url is None:
             base = self.base(base_url)
-            version = requested or base.version or self.config.api_version or DEFAULT_API_VERSION
+            default = RESPONSES_API_VERSION if call.endpoint == "responses" else DEFAULT_API_VERSION
+            version = requested or base.version or self.config.api_version or default
             if not valid_version(version):  # from a full deployment URL's query
-                version = self.config.api_version or DEFAULT_API_VERSION
-            url = chat_url(base, target.model, version, EMBEDDINGS if call.endpoint == "embeddings" else CHAT)
+                version = self.config.api_version or default
+            if call.endpoint == "responses":
+                url = responses_url(base, version)
+            else:
+                url = chat_url(base, target.model, version, EMBEDDINGS if call.endpoint == "embeddings" else CHAT)
             if len(self._urls) >= _CACHE_LIMIT:
                 self._urls.clear()
             self._urls[key] = url

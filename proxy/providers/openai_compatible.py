@@ -1,6 +1,8 @@
 """Providers that speak the OpenAI Chat Completions API: bytes pass through unchanged.
 
-They serve the Embeddings API too: a Call with endpoint "embeddings" goes to `{base_url}/embeddings`.
+They serve the Embeddings API too: a Call with endpoint "embeddings" goes to `{base_url}/embeddings`,
+and the Responses API: a Call with endpoint "responses" goes to `{base_url}/responses` (the body
+passes through with only `model` replaced; the stream is the provider's own, never changed).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from proxy.call import Call, Reply, Target
 from proxy.settings import Provider, Timeouts
 from proxy.upstream import UpstreamClient
 
-PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}  # Call.endpoint -> path under base_url
+PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "responses": "/responses"}  # Call.endpoint -> path under base_url
 
 
 class OpenAICompatible:
@@ -28,10 +30,12 @@ class OpenAICompatible:
 
     def request_body(self, call: Call, target: Target) -> bytes:
         body = call.body
-        if body.get("model") != target.model or (call.stream and not call.client_wants_usage):
+        # only chat streams get the usage chunk asked for (a Responses stream reports usage itself)
+        add_usage = call.stream and not call.client_wants_usage and call.endpoint == "chat"
+        if body.get("model") != target.model or add_usage:
             body = dict(body)
             body["model"] = target.model
-            if call.stream and not call.client_wants_usage:
+            if add_usage:
                 # Every stream is accounted: ask for the usage chunk; the relay hides it from
                 # a client that did not ask for it.
                 options = body.get("stream_options")
