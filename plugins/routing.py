@@ -28,6 +28,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from proxy import estimate
 from proxy.call import Call, Reply, Target
 from proxy.errors import BadRequest, ModelNotFound
 from proxy.model_table import ModelTable
@@ -97,24 +98,10 @@ def pick_weighted(entries: Sequence[LoadBalanceModel]) -> LoadBalanceModel:
     return weighted_choice(entries, [e.weight for e in entries])
 
 
-def estimated_prompt_tokens(body: dict[str, Any]) -> int:
-    """About 4 characters a token over message text and tool definitions: a pre-call estimate."""
-    chars = 0
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
-    if body.get("tools"):
-        chars += len(str(body["tools"]))
-    return chars // 4
-
-
 def fitting(call: Call, plan: list[Target]) -> list[Target]:
     """The plan without the candidates whose context window the prompt is estimated to exceed.
     When none fits, the plan stays as it is: the estimate is rough, and the provider decides."""
-    needed = estimated_prompt_tokens(call.body)
+    needed = estimate.prompt_tokens(call.body, with_tools=True)
     kept = [t for t in plan if not t.context_window or needed <= t.context_window]
     if len(kept) == len(plan) or not kept:
         return plan

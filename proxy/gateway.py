@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from proxy import breakdown
+from proxy import breakdown, estimate
 from proxy.call import Call, Reply, Usage
 from proxy.catalog import load_catalog
 from proxy.errors import BadRequest, GatewayError, InternalError
@@ -385,14 +385,7 @@ DONE_EVENT = b"data: [DONE]\n\n"
 def estimate_usage(body: dict[str, Any], content_deltas: int) -> Usage:
     """Usage for a stream cut before the provider's usage chunk: about 4 characters a prompt
     token, one token per content delta (how OpenAI-compatible providers stream)."""
-    chars = 0
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
-    return Usage(prompt_tokens=-(-chars // 4), completion_tokens=content_deltas)
+    return Usage(prompt_tokens=estimate.prompt_tokens(body), completion_tokens=content_deltas)
 
 
 def upstream_error_message(data: dict[str, Any], status: int) -> str:
