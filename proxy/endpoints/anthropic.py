@@ -16,18 +16,16 @@ Anthropic passthrough (spec 2.2), so the official `anthropic` SDK works with
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Send
 
 from proxy.call import Call, Reply
-from proxy.endpoints.body import parse_object, read_body, request_headers, send_whole, split_gateway_params
-from proxy.endpoints.chat import ChatCompletions
-from proxy.errors import BadRequest, GatewayError, InternalError, ValidationFailed
+from proxy.endpoints.base import Endpoint
+from proxy.endpoints.body import parse_object, send_whole, split_gateway_params
+from proxy.errors import BadRequest, ValidationFailed
 from proxy.gateway import STREAM_CUT_AT_SHUTDOWN, STREAM_DONE
-from proxy.params import EMPTY
 from proxy.sse_anthropic import anthropic_error_event
 
 MESSAGES = "/api/anthropic/v1/messages"
@@ -49,7 +47,6 @@ ERROR_TYPES = {
     529: "overloaded_error",
 }
 
-logger = logging.getLogger("llmrelay")
 
 
 def read_call(call: Call, raw: bytes) -> None:
@@ -121,31 +118,16 @@ def anthropic_error(reply: Reply) -> bytes:
     return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
 
 
-class AnthropicPassthrough(ChatCompletions):
-    """The ASGI app behind PATHS (the stream relay is the chat endpoint's, with the Anthropic tap)."""
+class AnthropicPassthrough(Endpoint):
+    """The ASGI app behind PATHS (streams relayed byte for byte with the Anthropic tap)."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gateway = self.gateway
-        headers = request_headers(scope)
-        client = scope.get("client")
-        path = scope["path"]
-        endpoint = "anthropic.count_tokens" if path == COUNT_TOKENS else "anthropic.messages"
-        call = Call(endpoint=endpoint, path=path, body={}, params=EMPTY, headers=headers,
-                    client_ip=client[0] if client else None, client_format="anthropic")
-        try:
-            read_call(call, await read_body(headers, receive, self.limit))
-        except GatewayError as exc:
-            await self.send_whole(call, gateway.reject(call, exc), send)
-            return
-        except Exception:
-            logger.exception("unhandled error reading request %s", call.id)
-            await self.send_whole(call, gateway.reject(call, InternalError()), send)
-            return
-        reply = await gateway.handle(call)
-        if reply.stream is None:
-            await self.send_whole(call, reply, send)
-        else:
-            await self.send_stream(call, reply, receive, send)
+    client_format = "anthropic"
+
+    def endpoint_for(self, path: str) -> str:
+        return "anthropic.count_tokens" if path == COUNT_TOKENS else "anthropic.messages"
+
+    def read_call(self, call: Call, raw: bytes) -> None:
+        read_call(call, raw)
 
     @staticmethod
     def shutdown_event() -> bytes:

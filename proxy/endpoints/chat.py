@@ -1,36 +1,13 @@
-"""POST /api/chat/completions (and its /api/v1 and /v1 spellings): the unified router.
-
-This is the hot path, so it is a plain ASGI app: no Request/Response objects and no middleware
-between granian and the Gateway (about 40 us of CPU per request less than a Starlette endpoint).
-"""
+"""POST /api/chat/completions (and its /api/v1 and /v1 spellings): the unified router."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-from typing import Any
-
-from starlette.types import Receive, Scope, Send
-
-from proxy.call import Call, Reply
-from proxy.endpoints.body import (
-    parse_object,
-    raw_headers,
-    read_body,
-    request_headers,
-    send_whole,
-    split_gateway_params,
-)
-from proxy.errors import BadRequest, GatewayError, InternalError
-from proxy.gateway import DONE_EVENT, SHUTDOWN, STREAM_CUT_AT_SHUTDOWN, Gateway
-from proxy.params import EMPTY
-from proxy.sse import error_event
+from proxy.call import Call
+from proxy.endpoints.base import Endpoint
+from proxy.endpoints.body import parse_object, split_gateway_params
+from proxy.errors import BadRequest
 
 PATHS = ("/api/chat/completions", "/api/v1/chat/completions", "/v1/chat/completions")
-STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-
-logger = logging.getLogger("llmrelay")
 
 
 def read_call(call: Call, raw: bytes) -> None:
@@ -45,102 +22,10 @@ def read_call(call: Call, raw: bytes) -> None:
         raise BadRequest("Invalid request format: `messages` is required and must be an array")
 
 
-class ChatCompletions:
+class ChatCompletions(Endpoint):
     """The ASGI app behind PATHS."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.limit = gateway.settings.server.max_body_bytes
+    endpoint = "chat"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gateway = self.gateway
-        headers = request_headers(scope)
-        client = scope.get("client")
-        call = Call(endpoint="chat", path=scope["path"], body={}, params=EMPTY, headers=headers,
-                    client_ip=client[0] if client else None)
-        try:
-            read_call(call, await read_body(headers, receive, self.limit))
-        except GatewayError as exc:
-            await self.send_whole(call, gateway.reject(call, exc), send)
-            return
-        except Exception:
-            logger.exception("unhandled error reading request %s", call.id)
-            await self.send_whole(call, gateway.reject(call, InternalError()), send)
-            return
-        reply = await gateway.handle(call)
-        if reply.stream is None:
-            await self.send_whole(call, reply, send)
-        else:
-            await self.send_stream(call, reply, receive, send)
-
-    async def send_whole(self, call: Call, reply: Reply, send: Send) -> None:
-        await send_whole(self.gateway, call, reply, send)
-
-    @staticmethod
-    def is_last(call: Call, data: bytes) -> bool:
-        """Whether this piece of the stream ends it (for OpenAI chat: `data: [DONE]`)."""
-        return data.endswith(DONE_EVENT)
-
-    @staticmethod
-    def shutdown_event() -> bytes:
-        return error_event(STREAM_CUT_AT_SHUTDOWN, type="shutdown", code=503)
-
-    async def send_stream(self, call: Call, reply: Reply, receive: Receive, send: Send) -> None:
-        """Relay chunk by chunk. A client that leaves cancels the relay at once, wherever it waits."""
-        assert reply.stream is not None
-        raw = raw_headers(self.gateway.response_headers(call, reply), "text/event-stream")
-        raw.extend(STREAM_HEADERS)
-        relay = self.gateway.relay(call, reply.stream)
-        task = asyncio.current_task()
-        disconnected = False
-
-        async def watch_disconnect() -> None:
-            nonlocal disconnected
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    disconnected = True
-                    if task is not None:
-                        task.cancel()
-                    return
-
-        watcher = asyncio.ensure_future(watch_disconnect())
-        streams = self.gateway.streams
-        if task is not None:
-            streams.add(task)
-        try:
-            await send({"type": "http.response.start", "status": reply.status, "headers": raw})
-            ended = False
-            async for data in relay:  # run the relay to its end, so it accounts the whole stream
-                if ended:
-                    continue
-                # nothing follows the last event: end the response with it, saving one send
-                ended = self.is_last(call, data)
-                await send({"type": "http.response.body", "body": data, "more_body": not ended})
-                if ended:  # the client has its whole answer: its leaving now is no disconnect
-                    watcher.cancel()
-            if not ended:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError as exc:
-            if task is not None and (disconnected or SHUTDOWN in exc.args):
-                task.uncancel()
-            else:
-                raise
-            if not disconnected:  # the shutdown deadline passed: say so, then end the stream
-                event = self.shutdown_event()
-                with contextlib.suppress(OSError):
-                    await send({"type": "http.response.body", "body": event, "more_body": False})
-        except OSError:  # the server could not write: the client is gone
-            pass
-        finally:
-            streams.discard(task)  # type: ignore[arg-type]
-            watcher.cancel()
-            await _close(relay)
-
-
-async def _close(relay: Any) -> None:
-    """Close the relay generator; its cleanup closes the upstream request and logs the Call."""
-    try:
-        await relay.aclose()
-    except Exception:
-        logger.exception("closing a stream relay failed")
+    def read_call(self, call: Call, raw: bytes) -> None:
+        read_call(call, raw)

@@ -8,21 +8,16 @@ compatible ones, Azure and demo; dispatch answers 400 for the others. The reply 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from starlette.types import Receive, Scope, Send
-
 from proxy.call import Call
-from proxy.endpoints.body import parse_object, read_body, request_headers, send_whole, split_gateway_params
-from proxy.errors import BadRequest, GatewayError, InternalError, ValidationFailed
-from proxy.gateway import Gateway
-from proxy.params import EMPTY
+from proxy.endpoints.base import Endpoint
+from proxy.endpoints.body import parse_object, split_gateway_params
+from proxy.errors import BadRequest, ValidationFailed
 
 PATHS = ("/api/embeddings", "/api/v1/embeddings", "/v1/embeddings")
 ENCODING_FORMATS = ("float", "base64")
 
-logger = logging.getLogger("llmrelay")
 
 
 def valid_input(value: Any) -> bool:
@@ -62,27 +57,10 @@ def read_call(call: Call, raw: bytes) -> None:
         raise ValidationFailed("dimensions", "Expected a positive integer")
 
 
-class Embeddings:
-    """The ASGI app behind PATHS."""
+class Embeddings(Endpoint):
+    """The ASGI app behind PATHS (answers are never streamed)."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.limit = gateway.settings.server.max_body_bytes
+    endpoint = "embeddings"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gateway = self.gateway
-        headers = request_headers(scope)
-        client = scope.get("client")
-        call = Call(endpoint="embeddings", path=scope["path"], body={}, params=EMPTY, headers=headers,
-                    client_ip=client[0] if client else None)
-        try:
-            read_call(call, await read_body(headers, receive, self.limit))
-        except GatewayError as exc:
-            await send_whole(gateway, call, gateway.reject(call, exc), send)
-            return
-        except Exception:
-            logger.exception("unhandled error reading request %s", call.id)
-            await send_whole(gateway, call, gateway.reject(call, InternalError()), send)
-            return
-        reply = await gateway.handle(call)
-        await send_whole(gateway, call, reply, send)
+    def read_call(self, call: Call, raw: bytes) -> None:
+        read_call(call, raw)

@@ -11,21 +11,15 @@ ResponsesStreamTap; a break after the first byte ends the stream with an `event:
 
 from __future__ import annotations
 
-import logging
-
-from starlette.types import Receive, Scope, Send
-
 from proxy.call import Call
-from proxy.endpoints.body import parse_object, read_body, request_headers, split_gateway_params
-from proxy.endpoints.chat import ChatCompletions
-from proxy.errors import BadRequest, GatewayError, InternalError
+from proxy.endpoints.base import Endpoint
+from proxy.endpoints.body import parse_object, split_gateway_params
+from proxy.errors import BadRequest
 from proxy.gateway import STREAM_CUT_AT_SHUTDOWN, STREAM_DONE
-from proxy.params import EMPTY
 from proxy.sse_responses import responses_error_event
 
 PATHS = ("/api/responses", "/api/v1/responses", "/v1/responses")
 
-logger = logging.getLogger("llmrelay")
 
 
 def read_call(call: Call, raw: bytes) -> None:
@@ -38,29 +32,14 @@ def read_call(call: Call, raw: bytes) -> None:
     call.client_wants_usage = False
 
 
-class Responses(ChatCompletions):
-    """The ASGI app behind PATHS (the stream relay is the chat endpoint's, with the Responses tap)."""
+class Responses(Endpoint):
+    """The ASGI app behind PATHS (streams relayed with the Responses tap)."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gateway = self.gateway
-        headers = request_headers(scope)
-        client = scope.get("client")
-        call = Call(endpoint="responses", path=scope["path"], body={}, params=EMPTY, headers=headers,
-                    client_ip=client[0] if client else None, client_format="responses")
-        try:
-            read_call(call, await read_body(headers, receive, self.limit))
-        except GatewayError as exc:
-            await self.send_whole(call, gateway.reject(call, exc), send)
-            return
-        except Exception:
-            logger.exception("unhandled error reading request %s", call.id)
-            await self.send_whole(call, gateway.reject(call, InternalError()), send)
-            return
-        reply = await gateway.handle(call)
-        if reply.stream is None:
-            await self.send_whole(call, reply, send)
-        else:
-            await self.send_stream(call, reply, receive, send)
+    endpoint = "responses"
+    client_format = "responses"
+
+    def read_call(self, call: Call, raw: bytes) -> None:
+        read_call(call, raw)
 
     @staticmethod
     def shutdown_event() -> bytes:
