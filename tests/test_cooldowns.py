@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from proxy.metrics import Metrics
 from proxy.settings import Cooldowns as Policy
@@ -134,16 +133,6 @@ def test_longer_cooldown_wins():
     assert c.until("p/d") == now + 10
 
 
-def _redis_available() -> bool:
-    try:
-        import redis
-
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
-    except Exception:
-        return False
-
-
-needs_redis = pytest.mark.skipif(not _redis_available(), reason="no Redis on 127.0.0.1:6379")
 
 
 def _delete_keys(suffix: str) -> None:
@@ -155,7 +144,6 @@ def _delete_keys(suffix: str) -> None:
     client.close()
 
 
-@needs_redis
 def test_redis_shares_a_cooldown_between_instances():
     suffix = uuid.uuid4().hex[:10]
     key = f"prov-{suffix}/dep-{suffix}"
@@ -332,7 +320,6 @@ def test_the_only_deployment_is_tried_while_cooling(start_gateway, mock, tmp_pat
     assert len(mock.sent_with_key(bad)) == 3
 
 
-@needs_redis
 def test_cooldown_is_shared_between_two_gateways_through_redis(start_gateway, mock, tmp_path):
     suffix = uuid.uuid4().hex[:8]
     state = {"cooldowns": {"backend": "redis", "url": REDIS_URL}}

@@ -23,7 +23,7 @@ from proxy.gateway import STREAM_CUT_AT_SHUTDOWN
 from proxy.metrics import Metrics
 from proxy.model_table import ModelTable
 from proxy.params import to_params
-from proxy.pipeline import StageContext, installed_stages
+from proxy.pipeline import StageContext
 from proxy.settings import ConfigError, Settings
 from proxy.settings import Cooldowns as Policy
 from proxy.state.cooldowns import Cooldowns
@@ -1011,7 +1011,6 @@ def test_e2e_no_plan_without_routing_is_one_try(start_gateway, mock):
     assert response.status_code == 502
 
 
-@pytest.mark.skipif("routing" not in installed_stages(), reason="the routing stage is not installed")
 def test_e2e_with_routing_fallback_models(start_gateway, mock, tmp_path):
     gateway = start(start_gateway, mock, tmp_path, pipeline=["auth", "routing", "fallback"])
     response = post(gateway, "s503", fallback_models=["good"], retry_params={"num_retries": 1, "retry_after": 0.05})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from proxy.logs.record import LogRecord
 T = TypeVar("T")
 
 
-class ThreadedSink:
+class ThreadedSink(abc.ABC):
     """Subclasses implement the blocking `_open`, `_write` and `_close`; the thread owns their state."""
 
     name = "threaded"
@@ -41,11 +42,11 @@ class ThreadedSink:
             self._executor.shutdown(wait=False)
             self._executor = None
 
-    def _open(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _open(self) -> None: ...
 
-    def _write(self, records: list[LogRecord]) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _write(self, records: list[LogRecord]) -> None: ...
 
-    def _close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _close(self) -> None: ...
