@@ -200,14 +200,7 @@ def start_gateway(mock_port: int, token: str, tmp: Path, pipeline: str = "auth")
     port = free_port()
     cmd = [str(llmrelay_bin()), "serve", "--config", str(config), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--workers", "1"]
-    proc = start("gateway", cmd, tmp, GATEWAY_CORE)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(proc, base + "/api/health-check/", GATEWAY_START_TIMEOUT)
-    except BenchError:
-        proc.stop()
-        raise
-    return proc, base
+    return serve("gateway", cmd, port, tmp)
 
 
 def start_floor(mock_port: int, tmp: Path) -> tuple[Proc, str]:
@@ -217,7 +210,12 @@ def start_floor(mock_port: int, tmp: Path) -> tuple[Proc, str]:
     cmd = [str(granian), "--interface", "asgi", "--loop", "uvloop", "--workers", "1", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--no-access-log", "--working-dir", str(HERE), "floor_app:app"]
     env = {"BENCH_FLOOR_UPSTREAM": f"http://127.0.0.1:{mock_port}/v1/chat/completions"}
-    proc = start("floor", cmd, tmp, GATEWAY_CORE, env)
+    return serve("floor", cmd, port, tmp, env)
+
+
+def serve(name: str, cmd: list[str], port: int, tmp: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:
+    """Start a server on the gateway's core and wait for its health check."""
+    proc = start(name, cmd, tmp, GATEWAY_CORE, env)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(proc, base + "/api/health-check/", GATEWAY_START_TIMEOUT)

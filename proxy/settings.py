@@ -218,6 +218,15 @@ def _describe(exc: msgspec.ValidationError) -> str:
     return f"$: {message}"
 
 
+def check_base_url(url: str | None, where: str) -> None:
+    if not url:
+        return
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: expected an http:// or https:// URL")
+    if "@" in url.partition("://")[2].partition("/")[0]:
+        raise ConfigError(f"{where}: credentials in the URL are not supported; use api_key or headers")
+
+
 def check(settings: Settings) -> None:
     """Cross-field rules that types alone cannot say."""
     src = settings.source
@@ -233,10 +242,7 @@ def check(settings: Settings) -> None:
         if p.id in seen:
             raise ConfigError(f"{where}.id: duplicate provider id {p.id!r}")
         seen.add(p.id)
-        if p.base_url and not p.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}.base_url: expected an http:// or https:// URL")
-        if "@" in p.base_url.partition("://")[2].partition("/")[0]:
-            raise ConfigError(f"{where}.base_url: credentials in the URL are not supported; use api_key or headers")
+        check_base_url(p.base_url, f"{where}.base_url")
     names: set[str] = set()
     for i, m in enumerate(settings.models):
         where = f"{src}: $.models[{i}]"
@@ -255,8 +261,7 @@ def check(settings: Settings) -> None:
             names_seen.add(d.name)
             if not d.weight > 0:
                 raise ConfigError(f"{where}.weight: expected a number > 0, got {d.weight}")
-            if d.base_url and not d.base_url.startswith(("http://", "https://")):
-                raise ConfigError(f"{where}.base_url: expected an http:// or https:// URL")
+            check_base_url(d.base_url, f"{where}.base_url")
     for alias, points_to in settings.aliases.items():
         if alias in names:
             raise ConfigError(f"{src}: $.aliases.{alias}: {alias!r} is already a model name or alias")

@@ -302,3 +302,10 @@ def test_redis_backend_needs_a_redis_url():
     settings = parse_settings({"state": {"cooldowns": {"backend": "redis", "url": "redis://127.0.0.1:6379/0"}}},
                               "cfg.yaml", env={})
     assert settings.cooldowns.failures == 3 and settings.cooldowns.duration == 30.0
+
+
+def test_deployment_base_url_may_not_carry_credentials():
+    raw = {"providers": [{"id": "p", "base_url": "http://h/v1",
+                          "deployments": [{"name": "a", "api_key": "k", "base_url": "https://user:pw@h/v1"}]}]}
+    with pytest.raises(ConfigError, match=r"\$.providers\[0\].deployments\[0\].base_url: credentials in the URL"):
+        parse_settings(raw, "cfg.yaml", env={})
