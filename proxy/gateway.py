@@ -27,7 +27,7 @@ from proxy.model_table import ModelTable
 from proxy.pipeline import Stage, compose, load_stages
 from proxy.providers import build_adapters
 from proxy.settings import Settings
-from proxy.sse import ChatStreamTap, error_event
+from proxy.sse import ChatStreamTap, NativeStreamTap
 from proxy.sse_anthropic import AnthropicStreamTap, anthropic_usage, completion_message
 from proxy.sse_responses import ResponsesStreamTap, output_message, responses_usage
 from proxy.state.cooldowns import Cooldowns
@@ -235,9 +235,11 @@ class Gateway:
         headers["x-llmrelay-overhead-ms"] = f"{overhead * 1000:.3f}"
         return headers
 
-    def _settle(self, call: Call, tap: ChatStreamTap) -> None:
+    def _settle(self, call: Call, tap: ChatStreamTap | NativeStreamTap) -> None:
         """Usage, served model and content of a stream, from what its tap saw (idempotent)."""
-        if tap.usage is not None:
+        if isinstance(tap, NativeStreamTap):
+            call.usage = tap.final_usage()
+        elif tap.usage is not None:
             call.usage = Usage.from_openai(tap.usage)
         elif tap.events and not call.warnings.count(USAGE_ESTIMATED):
             call.usage = estimate_usage(call.body, tap.content_deltas)
@@ -250,77 +252,32 @@ class Gateway:
         """The relay for the Call's client format: OpenAI chat SSE (ChatStreamTap), or a native
         Anthropic stream passed through byte for byte (AnthropicStreamTap), or a native Responses
         API stream, likewise (ResponsesStreamTap)."""
+        keep_content = not call.params.disable_log
         if call.client_format == "anthropic":
-            return self._relay_native(call, stream, AnthropicStreamTap(keep_content=not call.params.disable_log))
+            return self._relay(call, stream, AnthropicStreamTap(keep_content=keep_content))
         if call.client_format == "responses":
-            return self._relay_native(call, stream, ResponsesStreamTap(keep_content=not call.params.disable_log))
-        return self._relay_openai(call, stream)
+            return self._relay(call, stream, ResponsesStreamTap(keep_content=keep_content))
+        return self._relay(call, stream, ChatStreamTap(hide_usage_chunk=not call.client_wants_usage,
+                                                       keep_content=keep_content))
 
-    async def _relay_native(self, call: Call, stream: AsyncIterator[bytes],
-                            tap: AnthropicStreamTap | ResponsesStreamTap) -> AsyncIterator[bytes]:
-        """Relay a native (passthrough) stream unchanged, and account it from what the tap reads.
+    async def _relay(self, call: Call, stream: AsyncIterator[bytes],
+                     tap: ChatStreamTap | NativeStreamTap) -> AsyncIterator[bytes]:
+        """Relay a stream to the client as it arrives, and account it from what the tap reads.
 
-        Complete means the format's closing event seen (Anthropic message_stop; Responses
-        response.completed / incomplete / failed). A break after the first byte ends the stream
-        with an `error` event in the client's format; nothing else is ever added."""
-        call.status_code = 200
-        upstream_wait = time.perf_counter()
-        completed = False
-        try:
-            async for chunk in stream:
-                now = time.perf_counter()
-                call.upstream_time += now - upstream_wait
-                out = tap.feed(chunk)
-                if call.ttft is None and tap.saw_content:
-                    call.ttft = now - call.started
-                if out:
-                    if tap.done:  # this piece ends the answer (it holds the whole closing event)
-                        call.state[STREAM_DONE] = True
-                    yield out
-                upstream_wait = time.perf_counter()
-            call.upstream_time += time.perf_counter() - upstream_wait
-            tap.flush()
-            if tap.error is not None:
-                call.status_code = tap.error_status()
-                call.error = upstream_error_message({"error": tap.error}, call.status_code)
-            elif not tap.done:
-                call.status_code = 502
-                call.error = f"provider '{call.target.provider if call.target else '?'}' ended the stream early"
-                yield tap.error_event(call.error)
-            completed = True
-        except UpstreamStreamError as exc:
-            if not tap.done:  # after message_stop the answer is complete: a late break changes nothing
-                call.status_code = 502
-                call.error = str(exc)
-                yield tap.error_event(call.error)
-            completed = True
-        finally:
-            if not completed and self.streams_ended:
-                call.status_code = 503
-                call.error = STREAM_CUT_AT_SHUTDOWN
-            elif not completed:
-                call.status_code = 499
-                call.error = f"client disconnected after {tap.events} events"
-            call.usage = tap.final_usage()
-            call.response_model = tap.model
-            if not call.params.disable_log:
-                call.completion = tap.messages()
-            self.metrics.in_flight.dec()
-            self.finish(call)
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None and not completed:
-                await aclose()
+        OpenAI chat SSE goes through a ChatStreamTap (which may hide the usage chunk; with a
+        request breakdown, the breakdown chunk goes before [DONE]). A native (passthrough) stream
+        goes unchanged; complete means the format's closing event seen (Anthropic message_stop;
+        Responses response.completed / incomplete / failed), and nothing else is ever added.
 
-    async def _relay_openai(self, call: Call, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Relay an OpenAI-format SSE stream to the client as it arrives, and account it.
-
-        A provider that breaks after the first byte ends the client's stream with an SSE error
-        event, never a clean close. A client that leaves closes the upstream request at once
-        (the provider iterator's own cleanup), and the Call is still logged with the usage seen.
+        A provider that breaks after the first byte ends the client's stream with an `error`
+        event in the client's format, never a clean close. A client that leaves closes the
+        upstream request at once (the provider iterator's own cleanup), and the Call is still
+        logged with the usage seen.
         """
-        tap = ChatStreamTap(hide_usage_chunk=not call.client_wants_usage, keep_content=not call.params.disable_log)
+        native = isinstance(tap, NativeStreamTap)
         call.status_code = 200
-        with_breakdown = call.params.request_breakdown
+        with_breakdown = not native and call.params.request_breakdown
+        watch_done = native or with_breakdown  # the chat hot path without a breakdown: one local test a chunk
         upstream_wait = time.perf_counter()
         completed = False
         try:
@@ -330,8 +287,12 @@ class Gateway:
                 out = tap.feed(chunk)
                 if call.ttft is None and tap.saw_content:
                     call.ttft = now - call.started
-                if with_breakdown and tap.done and out.endswith(DONE_EVENT):
-                    out = out[: -len(DONE_EVENT)]  # the breakdown chunk goes before [DONE]
+                if watch_done and tap.done:
+                    if native:
+                        if out:  # this piece ends the answer (it holds the whole closing event)
+                            call.state[STREAM_DONE] = True
+                    elif out.endswith(DONE_EVENT):
+                        out = out[: -len(DONE_EVENT)]  # the breakdown chunk goes before [DONE]
                 if out:
                     yield out
                 upstream_wait = time.perf_counter()
@@ -340,29 +301,29 @@ class Gateway:
             if tail:
                 yield tail
             if tap.error is not None:
-                call.status_code = _error_status(tap.error)
+                call.status_code = tap.error_status()
                 call.error = upstream_error_message({"error": tap.error}, call.status_code)
-            elif tap.done and with_breakdown:
-                self._settle(call, tap)
-                self.account_cost(call)
-                yield breakdown.stream_chunk(call) + DONE_EVENT
-            elif not tap.done:
-                if tap.finish_reasons:  # complete but the provider left out the terminator
-                    if with_breakdown:
-                        self._settle(call, tap)
-                        self.account_cost(call)
-                        yield breakdown.stream_chunk(call)
-                    yield DONE_EVENT
-                else:
-                    call.status_code = 502
-                    call.error = f"provider '{call.target.provider if call.target else '?'}' ended the stream early"
-                    yield error_event(call.error)
+            elif tap.done:
+                if with_breakdown:
+                    self._settle(call, tap)
+                    self.account_cost(call)
+                    yield breakdown.stream_chunk(call) + DONE_EVENT
+            elif not native and tap.finish_reasons:  # complete but the provider left out the terminator
+                if with_breakdown:
+                    self._settle(call, tap)
+                    self.account_cost(call)
+                    yield breakdown.stream_chunk(call)
+                yield DONE_EVENT
+            else:
+                call.status_code = 502
+                call.error = f"provider '{call.target.provider if call.target else '?'}' ended the stream early"
+                yield tap.error_event(call.error)
             completed = True
         except UpstreamStreamError as exc:
-            if not tap.done:  # after [DONE] the answer is complete: a late break changes nothing
+            if not tap.done:  # after the closing event the answer is complete: a late break changes nothing
                 call.status_code = 502
                 call.error = str(exc)
-                yield error_event(call.error)
+                yield tap.error_event(call.error)
             completed = True
         finally:
             if not completed and self.streams_ended:
@@ -377,7 +338,6 @@ class Gateway:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None and not completed:  # the provider iterator closes its connection
                 await aclose()
-
 
 DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -399,8 +359,3 @@ def upstream_error_message(data: dict[str, Any], status: int) -> str:
     if isinstance(data.get("detail"), str):
         return f"{status}: {data['detail']}"[:1000]
     return f"{status}: upstream error"
-
-
-def _error_status(error: Any) -> int:
-    code = error.get("code") if isinstance(error, dict) else None
-    return code if isinstance(code, int) and 400 <= code < 600 else 502

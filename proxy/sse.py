@@ -9,6 +9,7 @@ tool calls. The usage-only chunk the gateway asked for on the client's behalf is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -175,6 +176,14 @@ class ChatStreamTap:
                 if d.function.arguments:
                     slot["function"]["arguments"] += d.function.arguments
 
+    def error_status(self) -> int:
+        """The HTTP status of the `error` object seen (for the log): its code if one, else 502."""
+        code = self.error.get("code") if isinstance(self.error, dict) else None
+        return code if isinstance(code, int) and 400 <= code < 600 else 502
+
+    def error_event(self, message: str) -> bytes:
+        return error_event(message)
+
     def messages(self) -> list[dict[str, Any]]:
         """The assistant message of each choice, rebuilt from the deltas (for the log)."""
         indexes = sorted(set(self._content) | set(self._reasoning) | set(self._tools) | set(self.finish_reasons))
@@ -235,3 +244,61 @@ class SSEDecoder:
         if not data and name is None:
             return None
         return name, b"\n".join(data)
+
+
+class NativeStreamTap:
+    """The shared plumbing of the taps on a native (passthrough) stream: the relay forwards every
+    chunk unchanged (`feed` returns the very same bytes object) while the subclass's `_scan` reads
+    each JSON event; `final_usage` converts the usage seen with the subclass's `_to_usage`."""
+
+    __slots__ = ("keep_content", "_decoder", "model", "done", "saw_content", "error", "events", "content_deltas")
+    usage: Any
+    _to_usage: Callable[[Any], Any]  # staticmethod: the format's usage -> proxy.call.Usage
+
+    def __init__(self, *, keep_content: bool = True) -> None:
+        self.keep_content = keep_content
+        self._decoder = SSEDecoder()
+        self.model: str | None = None
+        self.done = False  # the format's closing event seen
+        self.saw_content = False
+        self.error: Any = None
+        self.events = 0
+        self.content_deltas = 0
+
+    @property
+    def pending(self) -> bool:
+        """A partial event was forwarded: an appended event must start on a fresh line."""
+        return bool(self._decoder._tail)
+
+    def feed(self, data: bytes) -> bytes:
+        """Read the events in `data`; return `data` itself (forwarded unchanged)."""
+        for name, payload in self._decoder.feed(data):
+            self._read(name, payload)
+        return data
+
+    def flush(self) -> bytes:
+        for name, payload in self._decoder.flush():
+            self._read(name, payload)
+        return b""
+
+    def _read(self, name: str | None, payload: bytes) -> None:
+        self.events += 1
+        try:
+            event = orjson.loads(payload) if payload else None
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(event, dict):
+            self._scan(name, event)
+
+    def _scan(self, name: str | None, event: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _appended(self, event: bytes) -> bytes:
+        """`event`, to append to the forwarded stream (on a fresh line after a partial event)."""
+        return b"\n\n" + event if self.pending else event
+
+    def final_usage(self) -> Any:
+        usage = self._to_usage(self.usage)
+        if not self.done and self.content_deltas > usage.completion_tokens:
+            usage.completion_tokens = self.content_deltas  # cut short: at least a token a delta
+        return usage

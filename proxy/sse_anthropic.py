@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from proxy.call import Usage
-from proxy.sse import SSEDecoder
+from proxy.sse import NativeStreamTap
 
 # Anthropic error type -> HTTP status, for the log of a stream that ended with an error event
 ERROR_STATUS = {
@@ -77,56 +77,26 @@ def completion_message(content: Any, stop_reason: Any = None) -> dict[str, Any]:
     return message
 
 
-class AnthropicStreamTap:
-    __slots__ = ("keep_content", "_decoder", "usage", "model", "done", "stop_reason", "saw_content", "error",
-                 "events", "content_deltas", "_blocks")
+class AnthropicStreamTap(NativeStreamTap):
+    __slots__ = ("usage", "stop_reason", "_blocks")
+    _to_usage = staticmethod(anthropic_usage)
 
     def __init__(self, *, keep_content: bool = True) -> None:
-        self.keep_content = keep_content
-        self._decoder = SSEDecoder()
+        super().__init__(keep_content=keep_content)
         self.usage: dict[str, Any] = {}
-        self.model: str | None = None
-        self.done = False  # message_stop seen
         self.stop_reason: str | None = None
-        self.saw_content = False
         self.error: Any = None  # the `error` object of an error event
-        self.events = 0
-        self.content_deltas = 0
         self._blocks: dict[int, dict[str, Any]] = {}
 
-    @property
-    def pending(self) -> bool:
-        """A partial event was forwarded: an appended event must start on a fresh line."""
-        return bool(self._decoder._tail)
-
-    def feed(self, data: bytes) -> bytes:
-        """Read the events in `data`; return `data` itself (forwarded unchanged)."""
-        for name, payload in self._decoder.feed(data):
-            self._scan(name, payload)
-        return data
-
-    def flush(self) -> bytes:
-        for name, payload in self._decoder.flush():
-            self._scan(name, payload)
-        return b""
-
     def error_event(self, message: str, kind: str = "api_error") -> bytes:
-        event = anthropic_error_event(message, kind)
-        return b"\n\n" + event if self.pending else event
+        return self._appended(anthropic_error_event(message, kind))
 
     def error_status(self) -> int:
         """The HTTP status of the error event seen (for the log)."""
         kind = self.error.get("type") if isinstance(self.error, dict) else None
         return ERROR_STATUS.get(kind, 502) if isinstance(kind, str) else 502
 
-    def _scan(self, name: str | None, payload: bytes) -> None:
-        self.events += 1
-        try:
-            event = orjson.loads(payload) if payload else None
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(event, dict):
-            return
+    def _scan(self, name: str | None, event: dict[str, Any]) -> None:
         kind = event.get("type") or name
         if kind == "content_block_delta":
             self.saw_content = True
@@ -170,12 +140,6 @@ class AnthropicStreamTap:
             for key, value in usage.items():
                 if isinstance(value, int):
                     self.usage[key] = value
-
-    def final_usage(self) -> Usage:
-        usage = anthropic_usage(self.usage)
-        if not self.done and self.content_deltas > usage.completion_tokens:
-            usage.completion_tokens = self.content_deltas  # cut short: at least a token a delta
-        return usage
 
     def messages(self) -> list[dict[str, Any]]:
         if not self._blocks and self.stop_reason is None:

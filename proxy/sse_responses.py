@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from proxy.call import Usage
-from proxy.sse import SSEDecoder
+from proxy.sse import NativeStreamTap
 
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
@@ -81,55 +81,25 @@ def error_status(error: Any) -> int:
     return ERROR_STATUS.get(code, 502) if isinstance(code, str) else 502
 
 
-class ResponsesStreamTap:
-    __slots__ = ("keep_content", "_decoder", "usage", "model", "done", "saw_content", "error", "events",
-                 "content_deltas", "sequence", "_text", "_output")
+class ResponsesStreamTap(NativeStreamTap):
+    __slots__ = ("usage", "sequence", "_text", "_output")
+    _to_usage = staticmethod(responses_usage)
 
     def __init__(self, *, keep_content: bool = True) -> None:
-        self.keep_content = keep_content
-        self._decoder = SSEDecoder()
+        super().__init__(keep_content=keep_content)
         self.usage: dict[str, Any] | None = None
-        self.model: str | None = None
-        self.done = False  # a terminal event (response.completed / incomplete / failed) seen
-        self.saw_content = False
         self.error: dict[str, Any] | None = None  # {"code", "message"} of response.failed or an error event
-        self.events = 0
-        self.content_deltas = 0
         self.sequence = -1  # the last sequence_number seen
         self._text: list[str] = []
         self._output: Any = None  # the terminal event's response.output
 
-    @property
-    def pending(self) -> bool:
-        """A partial event was forwarded: an appended event must start on a fresh line."""
-        return bool(self._decoder._tail)
-
-    def feed(self, data: bytes) -> bytes:
-        """Read the events in `data`; return `data` itself (forwarded unchanged)."""
-        for name, payload in self._decoder.feed(data):
-            self._scan(name, payload)
-        return data
-
-    def flush(self) -> bytes:
-        for name, payload in self._decoder.flush():
-            self._scan(name, payload)
-        return b""
-
     def error_event(self, message: str, kind: str = "server_error") -> bytes:
-        event = responses_error_event(message, kind, self.sequence + 1)
-        return b"\n\n" + event if self.pending else event
+        return self._appended(responses_error_event(message, kind, self.sequence + 1))
 
     def error_status(self) -> int:
         return error_status(self.error)
 
-    def _scan(self, name: str | None, payload: bytes) -> None:
-        self.events += 1
-        try:
-            event = orjson.loads(payload) if payload else None
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(event, dict):
-            return
+    def _scan(self, name: str | None, event: dict[str, Any]) -> None:
         if isinstance(event.get("sequence_number"), int):
             self.sequence = event["sequence_number"]
         kind = event.get("type") or name
@@ -160,12 +130,6 @@ class ResponsesStreamTap:
         elif kind == "error":
             error = event.get("error") if isinstance(event.get("error"), dict) else event
             self.error = {"code": error.get("code") or "server_error", "message": error.get("message") or ""}
-
-    def final_usage(self) -> Usage:
-        usage = responses_usage(self.usage)
-        if not self.done and self.content_deltas > usage.completion_tokens:
-            usage.completion_tokens = self.content_deltas  # cut short: at least a token a delta
-        return usage
 
     def messages(self) -> list[dict[str, Any]]:
         if isinstance(self._output, list) and self._output:
