@@ -1,7 +1,7 @@
 """A scriptable Anthropic Messages API (`POST /v1/messages`) on loopback, for tests.
 
-Like tests/mock_upstream.py it runs an aiohttp server on its own event loop in a background
-thread, records every request (path, headers, JSON body) and picks its behaviour from the model:
+A tests.mock_server.MockServer (an aiohttp server on its own event loop in a background thread):
+it records every request (path, headers, JSON body) and picks its behaviour from the model:
 
   claude-*                 a text answer (TEXT, streamed word by word), stop_reason end_turn
   claude-cache             the same, with cache creation and cache read tokens in the usage
@@ -30,13 +30,12 @@ before.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from tests.mock_upstream import free_port
+from tests.mock_server import MockServer
 
 WORDS = ["Hello", " from", " the", " mock", " Claude", "."]
 TEXT = "".join(WORDS)
@@ -105,47 +104,12 @@ def check(request: web.Request, body: Any) -> str | None:
     return None
 
 
-class MockAnthropic:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.requests: list[dict[str, Any]] = []
-        self.stream_closed_early: list[dict[str, Any]] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
+class MockAnthropic(MockServer):
+    client_max_size = 32 * 1024 * 1024
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> MockAnthropic:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        # close open (kept-alive) connections first, so no handler task is left pending
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    def reset(self) -> None:
-        self.requests.clear()
-        self.stream_closed_early.clear()
-
-    def last(self) -> dict[str, Any]:
-        return self.requests[-1]
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application(client_max_size=32 * 1024 * 1024)
-        app.router.add_post("/v1/messages", self.messages)
-        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
-        runner = self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self._ready.set()
-        self._loop.run_forever()
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v1/messages", self.messages)
+        router.add_post("/v1/messages/count_tokens", self.count_tokens)
 
     # -- answers ----------------------------------------------------------------------
 
@@ -173,7 +137,7 @@ class MockAnthropic:
             body = await request.json(loads=orjson.loads)
         except ValueError:
             body = None
-        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        self.record(request, body)
         problem = check(request, body)
         if problem is not None:
             return web.json_response(error_body("invalid_request_error", problem), status=400)
@@ -202,7 +166,7 @@ class MockAnthropic:
     async def count_tokens(self, request: web.Request) -> web.Response:
         """`{"input_tokens": N}`: N is the length of the JSON of the messages (and system), over 4."""
         body = await request.json(loads=orjson.loads)
-        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        self.record(request, body)
         if not request.headers.get("x-api-key") and not request.headers.get("authorization", "").startswith("Bearer "):
             return web.json_response(error_body("authentication_error", "x-api-key header is required"), status=401)
         if not isinstance(body, dict) or not body.get("messages") or "max_tokens" in body or "stream" in body:
@@ -254,8 +218,7 @@ class MockAnthropic:
         return out
 
     async def stream(self, request: web.Request, model: str) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "request-id": "req_mock_stream"})
-        await response.prepare(request)
+        response = await self.open_stream(request, headers={"request-id": "req_mock_stream"})
         sent = 0
         try:
             if model == "claude-slow":

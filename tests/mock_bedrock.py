@@ -1,6 +1,6 @@
 """A scriptable Amazon Bedrock Converse API on loopback that checks AWS Signature Version 4.
 
-Runs aiohttp on its own event loop in a background thread (like tests/mock_anthropic.py) and
+A tests.mock_server.MockServer (aiohttp on its own event loop in a background thread) that
 records every request (path, headers, JSON body, the signing access key and region).
 
 Every request must carry a valid SigV4 `Authorization` header for service `bedrock`: the mock
@@ -20,12 +20,10 @@ Streams are written a few bytes at a time, so frames arrive split at arbitrary p
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import hashlib
 import hmac
 import struct
-import threading
 import time
 import zlib
 from typing import Any
@@ -34,7 +32,7 @@ from urllib.parse import quote, unquote
 import orjson
 from aiohttp import web
 
-from tests.mock_upstream import free_port
+from tests.mock_server import MockServer
 
 SECRETS = {"AKIDEXAMPLE": "secret", "AKIDCUSTOMER": "customer-secret"}
 WORDS = ["Hello", " from", " the", " mock", " Bedrock", "."]
@@ -120,44 +118,12 @@ def exception(kind: str, message: str) -> bytes:
                  orjson.dumps({"message": message}))
 
 
-class MockBedrock:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.requests: list[dict[str, Any]] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
+class MockBedrock(MockServer):
+    client_max_size = 32 * 1024 * 1024
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> MockBedrock:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    def reset(self) -> None:
-        self.requests.clear()
-
-    def last(self) -> dict[str, Any]:
-        return self.requests[-1]
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application(client_max_size=32 * 1024 * 1024)
-        app.router.add_post("/model/{model}/converse", self.converse)
-        app.router.add_post("/model/{model}/converse-stream", self.converse)
-        runner = self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self._ready.set()
-        self._loop.run_forever()
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/model/{model}/converse", self.converse)
+        router.add_post("/model/{model}/converse-stream", self.converse)
 
     # -- answers ----------------------------------------------------------------------
 
@@ -185,8 +151,8 @@ class MockBedrock:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = None
-        self.requests.append({"path": request.rel_url.raw_path, "model": model, "headers": dict(request.headers),
-                              "body": body, "signer": signer if isinstance(signer, dict) else None})
+        self.record(request, body, path=request.rel_url.raw_path, model=model,
+                    signer=signer if isinstance(signer, dict) else None)
         if not isinstance(signer, dict):
             return self.error(*signer)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
@@ -226,13 +192,6 @@ class MockBedrock:
         return out
 
     async def stream(self, request: web.Request, model: str) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/vnd.amazon.eventstream",
-                                               "x-amzn-requestid": "req-mock-stream"})
-        await response.prepare(request)
-        data = b"".join(self.events(model))
-        try:
-            for i in range(0, len(data), 97):  # frames split at arbitrary places
-                await response.write(data[i:i + 97])
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        return response
+        return await self.send_stream(request, self.events(model), "application/vnd.amazon.eventstream",
+                                      {"x-amzn-requestid": "req-mock-stream"},
+                                      piece=97)  # frames split at arbitrary places

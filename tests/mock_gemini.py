@@ -1,6 +1,6 @@
 """A scriptable Gemini API (generateContent / streamGenerateContent?alt=sse) on loopback, for tests.
 
-An aiohttp server on its own event loop in a background thread, like tests/mock_upstream.py. It
+A tests.mock_server.MockServer (aiohttp on its own event loop in a background thread). It
 serves `POST /v1beta/models/{model}:{method}`; the model name picks the behaviour:
 
   gm-text (and any other name)  a text answer (WORDS), one candidate per candidateCount; streamed
@@ -26,14 +26,12 @@ headers, JSON body and the full URL; `stream_closed_early` lists streams whose c
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from tests.mock_upstream import free_port
+from tests.mock_server import MockServer
 
 WORDS = ["Hello", " from", " Gemini", "."]
 ANSWER = "".join(WORDS)
@@ -73,59 +71,21 @@ def answer(model: str, candidates: list[dict[str, Any]], usage: dict[str, Any] |
     return data
 
 
-class MockGemini:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.requests: list[dict[str, Any]] = []
-        self.stream_closed_early: list[dict[str, Any]] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
+class MockGemini(MockServer):
+    cleanup_on_stop = False
 
     @property
     def base_url(self) -> str:
         """Like the catalog's https://generativelanguage.googleapis.com: no version segment."""
-        return f"http://127.0.0.1:{self.port}"
+        return super().base_url
 
-    def start(self) -> MockGemini:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    def reset(self) -> None:
-        self.requests.clear()
-        self.stream_closed_early.clear()
-
-    def last(self) -> dict[str, Any]:
-        return self.requests[-1]
-
-    def wait_for_closed_stream(self, timeout: float = 5.0) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.stream_closed_early:
-                return self.stream_closed_early[-1]
-            time.sleep(0.02)
-        return None
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_post("/v1beta/models/{name}", self.handle)
-        runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self._ready.set()
-        self._loop.run_forever()
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v1beta/models/{name}", self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         model, _, method = request.match_info["name"].partition(":")
         body = await request.json(loads=orjson.loads)
-        self.requests.append({"path": request.path, "model": model, "method": method, "query": dict(request.query),
-                              "url": str(request.url), "headers": dict(request.headers), "body": body})
+        self.record(request, body, model=model, method=method, query=dict(request.query), url=str(request.url))
         if model.startswith("gm-status-"):
             code = int(model.rsplit("-", 1)[1])
             headers = {"Retry-After": "7"} if code == 429 else None
@@ -162,8 +122,7 @@ class MockGemini:
         return answer(model, [candidate([{"text": ANSWER}], "STOP", i) for i in range(n)], USAGE)
 
     async def stream(self, request: web.Request, body: dict[str, Any], model: str) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
+        response = await self.open_stream(request)
         sent = 0
         partial = {"promptTokenCount": USAGE["promptTokenCount"], "totalTokenCount": USAGE["promptTokenCount"]}
         try:

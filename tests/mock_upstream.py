@@ -53,14 +53,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 import struct
-import threading
-import time
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from tests.mock_server import MockServer, free_port
+
+__all__ = ["MockUpstream", "free_port"]
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
          "prompt_tokens_details": {"cached_tokens": 2}}
@@ -84,12 +85,6 @@ AZURE_FILTER = {name: {"filtered": False, "severity": "safe"} for name in ("hate
 AZURE_PROMPT_FILTER = [{"prompt_index": 0, "content_filter_results": AZURE_FILTER}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def chunk(model: str, delta: dict[str, Any] | None, finish: str | None = None, index: int = 0, **extra: Any) -> bytes:
     choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish}]
     data = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": model,
@@ -103,37 +98,24 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.json_response(error, status=status, headers=headers)
 
 
-class MockUpstream:
+class MockUpstream(MockServer):
+    cleanup_on_stop = False
+
     def __init__(self) -> None:
-        self.port = free_port()
-        self.requests: list[dict[str, Any]] = []
-        self.stream_closed_early: list[dict[str, Any]] = []
+        super().__init__()
         self.counts: dict[str, int] = {}  # requests per upstream model name
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.root_url}/v1"
 
     @property
     def root_url(self) -> str:
         """The server's origin, e.g. an Azure resource endpoint."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> MockUpstream:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        return super().base_url
 
     def reset(self) -> None:
-        self.requests.clear()
-        self.stream_closed_early.clear()
+        super().reset()
         self.counts.clear()
 
     def count(self, model: str) -> int:
@@ -144,67 +126,50 @@ class MockUpstream:
         """The requests that carried `Authorization: Bearer <api_key>`."""
         return [r for r in list(self.requests) if r["headers"].get("Authorization") == f"Bearer {api_key}"]
 
-    def last(self) -> dict[str, Any]:
-        return self.requests[-1]
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v1/chat/completions", self.chat)
+        router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure_chat)
+        router.add_post("/v1/embeddings", self.embeddings)
+        router.add_post("/openai/deployments/{deployment}/embeddings", self.azure_embeddings)
+        router.add_post("/v1/responses", self.responses)
+        router.add_post("/openai/responses", self.responses)
+        router.add_post("/openai/v1/responses", self.responses)
 
-    def wait_for_closed_stream(self, timeout: float = 5.0) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.stream_closed_early:
-                return self.stream_closed_early[-1]
-            time.sleep(0.02)
+    def azure_record(self, request: web.Request, body: Any) -> web.Response | None:
+        """Record an Azure deployment request; Azure's 404 when it has no api-version."""
+        self.record(request, body, query=dict(request.query), deployment=request.match_info["deployment"], azure=True)
+        if not request.query.get("api-version"):
+            return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
         return None
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure_chat)
-        app.router.add_post("/v1/embeddings", self.embeddings)
-        app.router.add_post("/openai/deployments/{deployment}/embeddings", self.azure_embeddings)
-        app.router.add_post("/v1/responses", self.responses)
-        app.router.add_post("/openai/responses", self.responses)
-        app.router.add_post("/openai/v1/responses", self.responses)
-        runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self._ready.set()
-        self._loop.run_forever()
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json(loads=orjson.loads)
-        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        self.record(request, body)
         return await self.answer(request, body, body.get("model", ""))
 
     async def azure_chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json(loads=orjson.loads)
-        deployment = request.match_info["deployment"]
-        self.requests.append({"path": request.path, "query": dict(request.query), "deployment": deployment,
-                              "headers": dict(request.headers), "body": body, "azure": True})
-        if not request.query.get("api-version"):
-            return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
-        return await self.answer(request, body, deployment, azure=True)
+        if (refused := self.azure_record(request, body)) is not None:
+            return refused
+        return await self.answer(request, body, request.match_info["deployment"], azure=True)
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await request.json(loads=orjson.loads)
-        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        self.record(request, body)
         return await self.embed(body, body.get("model", ""))
 
     async def azure_embeddings(self, request: web.Request) -> web.Response:
         body = await request.json(loads=orjson.loads)
-        deployment = request.match_info["deployment"]
-        self.requests.append({"path": request.path, "query": dict(request.query), "deployment": deployment,
-                              "headers": dict(request.headers), "body": body, "azure": True})
-        if not request.query.get("api-version"):
-            return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
-        return await self.embed(body, deployment)
+        if (refused := self.azure_record(request, body)) is not None:
+            return refused
+        return await self.embed(body, request.match_info["deployment"])
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         body = await request.json(loads=orjson.loads)
-        record: dict[str, Any] = {"path": request.path, "headers": dict(request.headers), "body": body}
         if request.path.startswith("/openai/"):
-            record.update(query=dict(request.query), azure=True)
-        self.requests.append(record)
+            self.record(request, body, query=dict(request.query), azure=True)
+        else:
+            self.record(request, body)
         if request.path == "/openai/responses" and not request.query.get("api-version"):
             return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
         model = body.get("model", "")
@@ -224,8 +189,7 @@ class MockUpstream:
                                     "tool_choice": "auto", "tools": []}
         if not body.get("stream"):
             return web.Response(body=orjson.dumps(response), content_type="application/json")
-        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await stream.prepare(request)
+        stream = await self.open_stream(request)
         seq = 0
 
         async def event(data: dict[str, Any]) -> None:
@@ -327,8 +291,7 @@ class MockUpstream:
 
     async def stream(self, request: web.Request, body: dict[str, Any], model: str,
                      azure: bool = False) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
+        response = await self.open_stream(request)
         if azure:  # Azure's first chunk: no choices, no id, no model; only the prompt filter results
             await response.write(b"data: " + orjson.dumps({
                 "choices": [], "created": 0, "id": "", "model": "", "object": "",

@@ -1,6 +1,6 @@
 """A mock Google Vertex AI and Google OAuth token endpoint on loopback, for tests.
 
-An aiohttp server on its own event loop in a background thread (like tests/mock_gemini.py):
+A tests.mock_server.MockServer (aiohttp on its own event loop in a background thread):
 
   POST /token     the OAuth 2.0 JWT bearer grant. It verifies what Google verifies: the form's
                   grant_type, the JWT header (alg RS256, typ JWT), the claims (iss a known service
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import threading
 import time
 from typing import Any
 from urllib.parse import parse_qs
@@ -33,7 +32,7 @@ import orjson
 from aiohttp import web
 
 from tests import mock_anthropic, mock_gemini
-from tests.mock_upstream import free_port
+from tests.mock_server import MockServer
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -55,22 +54,14 @@ def rs256_valid(signing_input: bytes, signature: bytes, n: int, e: int) -> bool:
     return em == expected
 
 
-class MockVertex:
+class MockVertex(MockServer):
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.accounts: dict[str, tuple[int, int]] = {}  # client_email -> (n, e)
         self.tokens: set[str] = set()
         self.token_requests: list[dict[str, Any]] = []
         self.token_refusals: list[str] = []
-        self.requests: list[dict[str, Any]] = []
         self.token_delay = 0.0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def token_uri(self) -> str:
@@ -79,34 +70,17 @@ class MockVertex:
     def add_account(self, email: str, n: int, e: int) -> None:
         self.accounts[email] = (n, e)
 
-    def start(self) -> MockVertex:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
     def reset(self) -> None:
-        self.requests.clear()
+        super().reset()
         self.token_requests.clear()
         self.token_refusals.clear()
         self.token_delay = 0.0
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_post("/token", self.token)
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/token", self.token)
         prefix = "/v1/projects/{project}/locations/{location}/publishers"
-        app.router.add_post(prefix + "/google/models/{name}", self.gemini)
-        app.router.add_post(prefix + "/anthropic/models/{name}", self.anthropic)
-        runner = self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self._ready.set()
-        self._loop.run_forever()
+        router.add_post(prefix + "/google/models/{name}", self.gemini)
+        router.add_post(prefix + "/anthropic/models/{name}", self.anthropic)
 
     # -- the token endpoint ---------------------------------------------------------------------
 
@@ -164,9 +138,9 @@ class MockVertex:
     async def _record(self, request: web.Request, publisher: str) -> tuple[str, str, Any]:
         model, _, method = request.match_info["name"].partition(":")
         body = await request.json(loads=orjson.loads)
-        self.requests.append({"publisher": publisher, "path": request.path, "model": model, "method": method,
-                              "project": request.match_info["project"], "location": request.match_info["location"],
-                              "query": dict(request.query), "headers": dict(request.headers), "body": body})
+        self.record(request, body, publisher=publisher, model=model, method=method,
+                    project=request.match_info["project"], location=request.match_info["location"],
+                    query=dict(request.query))
         return model, method, body
 
     async def gemini(self, request: web.Request) -> web.StreamResponse:
@@ -182,14 +156,10 @@ class MockVertex:
             return web.Response(body=orjson.dumps(answer), content_type="application/json")
         if method != "streamGenerateContent" or request.query.get("alt") != "sse":
             return web.json_response(mock_gemini.error_json(404, f"unknown method {method}"), status=404)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for i, word in enumerate(mock_gemini.WORDS):
-            last = i == len(mock_gemini.WORDS) - 1
-            await response.write(mock_gemini.event(mock_gemini.answer(
-                model, [mock_gemini.candidate([{"text": word}], "STOP" if last else None)],
-                mock_gemini.USAGE if last else None)))
-        return response
+        last = len(mock_gemini.WORDS) - 1
+        return await self.send_stream(request, [mock_gemini.event(mock_gemini.answer(
+            model, [mock_gemini.candidate([{"text": word}], "STOP" if i == last else None)],
+            mock_gemini.USAGE if i == last else None)) for i, word in enumerate(mock_gemini.WORDS)])
 
     async def anthropic(self, request: web.Request) -> web.StreamResponse:
         model, method, body = await self._record(request, "anthropic")
@@ -225,8 +195,4 @@ class MockVertex:
                    event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
                                            "usage": {"output_tokens": usage["output_tokens"]}}),
                    event("message_stop", {})]
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for data in events:
-            await response.write(data)
-        return response
+        return await self.send_stream(request, events)
