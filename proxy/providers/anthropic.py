@@ -73,8 +73,20 @@ import orjson
 
 from proxy.call import Call, Reply, Target
 from proxy.errors import BadRequest
+from proxy.providers.common import (
+    chunk_event,
+    content_parts,
+    file_data,
+    image_url,
+    json_object,
+    post_upstream,
+    tool_arguments,
+    tool_call_id,
+    tool_function,
+)
 from proxy.settings import Provider, Timeouts
 from proxy.sse import SSEDecoder
+from proxy.sse_anthropic import ERROR_STATUS as ANTHROPIC_ERROR_STATUS
 from proxy.upstream import UpstreamClient, UpstreamResponse, UpstreamStreamError
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -93,19 +105,9 @@ FINISH_REASONS = {
     "refusal": "content_filter",
 }
 
-# Anthropic error type -> the status the client gets (529 is not a standard status: 503)
-ERROR_STATUS = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 503,
-}
+# Anthropic error type -> the status the client gets: Anthropic's own, except 529 (not a
+# standard status), which the client sees as 503 so retries and cooldowns treat it as a 5xx
+ERROR_STATUS = ANTHROPIC_ERROR_STATUS | {"overloaded_error": 503}
 STATUS_ERROR_TYPE = {status: kind for kind, status in ERROR_STATUS.items()} | {529: "overloaded_error"}
 NONSTANDARD_STATUS = {529: 503}
 
@@ -137,10 +139,7 @@ def _data_url(url: str, where: str) -> tuple[str, str]:
 
 
 def _image(part: dict[str, Any], where: str) -> dict[str, Any]:
-    image = part.get("image_url")
-    url = image.get("url") if isinstance(image, dict) else image
-    if not isinstance(url, str) or not url:
-        raise _bad(f"{where}: image_url.url is required")
+    url = image_url(part, where, _bad)
     if url.startswith("data:"):
         media_type, data = _data_url(url, where)
         return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
@@ -150,37 +149,20 @@ def _image(part: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _file(part: dict[str, Any], where: str) -> dict[str, Any]:
-    file = part.get("file")
-    data = file.get("file_data") if isinstance(file, dict) else None
-    if not isinstance(data, str) or not data.startswith("data:"):
-        raise _bad(f"{where}: only files given inline as file.file_data (a base64 data URL) can be sent")
+    _, data = file_data(part, where, _bad)
     media_type, payload = _data_url(data, where)
     return {"type": "document", "source": {"type": "base64", "media_type": media_type, "data": payload}}
 
 
 def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
     """OpenAI message content (a string or a list of parts) -> Anthropic content blocks."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise _bad(f"{where}.content must be a string or an array of content parts")
     out: list[dict[str, Any]] = []
-    for i, part in enumerate(content):
-        at = f"{where}.content[{i}]"
-        if isinstance(part, str):
-            part = {"type": "text", "text": part}
-        if not isinstance(part, dict):
-            raise _bad(f"{at} must be an object")
+    for _, at, part in content_parts(content, where, _bad):
         kind = part.get("type")
         if kind == "text":
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise _bad(f"{at}.text must be a string")
-            if not text:
+            if not part["text"]:
                 continue  # Anthropic refuses empty text blocks
-            block: dict[str, Any] = {"type": "text", "text": text}
+            block: dict[str, Any] = {"type": "text", "text": part["text"]}
         elif kind == "image_url":
             block = _image(part, at)
         elif kind == "file":
@@ -203,28 +185,9 @@ def _mark_last(blocks: list[dict[str, Any]], cache_control: Any) -> None:
 
 
 def _tool_use(call: Any, where: str) -> dict[str, Any]:
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        raise _bad(f"{where} must be an object with a function")
-    function = call["function"]
-    name = function.get("name")
-    if not isinstance(name, str) or not name:
-        raise _bad(f"{where}.function.name is required")
-    arguments = function.get("arguments")
-    if arguments is None or arguments == "":
-        arguments_obj: Any = {}
-    elif isinstance(arguments, dict):
-        arguments_obj = arguments
-    else:
-        try:
-            arguments_obj = orjson.loads(arguments)
-        except (orjson.JSONDecodeError, TypeError):
-            arguments_obj = None
-        if not isinstance(arguments_obj, dict):
-            raise _bad(f"{where}.function.arguments must be a JSON object")
-    call_id = call.get("id")
-    if not isinstance(call_id, str) or not call_id:
-        raise _bad(f"{where}.id is required")
-    return {"type": "tool_use", "id": call_id, "name": name, "input": arguments_obj}
+    function, name = tool_function(call, where, _bad)
+    arguments = tool_arguments(function, where, _bad)
+    return {"type": "tool_use", "id": tool_call_id(call, where, _bad), "name": name, "input": arguments}
 
 
 def _thinking_blocks(blocks: Any) -> list[dict[str, Any]]:
@@ -534,9 +497,7 @@ class StreamTranslator:
         self._thinking: dict[int, dict[str, Any]] = {}  # block index -> the thinking block so far
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return b"data: " + orjson.dumps(data) + b"\n\n"
+        return chunk_event(self.id, self.created, self.model, delta, finish)
 
     def _delta(self, out: list[bytes], delta: dict[str, Any], finish: str | None = None) -> None:
         if not self.opened:
@@ -769,28 +730,11 @@ class AnthropicMessages:
         """Forward the Anthropic request as it is; the answer's bytes come back unchanged."""
         body = orjson.dumps(self.native_body(call, target))
         stream = call.stream and call.endpoint == "anthropic.messages"
-        read_timeout = call.params.timeout or target.timeout or (
-            self.timeouts.stream_idle if stream else self.timeouts.read
-        )
-        started = time.perf_counter()
-        try:
-            response = await self.upstream.post(
-                target.provider,
-                self.native_url(call, target),
-                self.native_headers(call, target),
-                body,
-                connect_timeout=self.timeouts.connect,
-                read_timeout=read_timeout,
-                stream=stream,
-                max_connections=self.config.max_connections,
-            )
-            headers = reply_headers(response)
-            if stream and response.status < 400:
-                return Reply(200, stream=self._native_stream(response), headers=headers,
-                             media_type="text/event-stream")
-            raw = await response.read()
-        finally:
-            call.upstream_time += time.perf_counter() - started
+        response, raw = await post_upstream(self, call, target, self.native_url(call, target),
+                                            self.native_headers(call, target), body, stream=stream)
+        headers = reply_headers(response)
+        if raw is None:
+            return Reply(200, stream=self._native_stream(response), headers=headers, media_type="text/event-stream")
         if response.status >= 400:
             return Reply(response.status, body=native_error_body(response.status, raw), headers=headers)
         return Reply(response.status, body=raw, headers=headers)
@@ -813,36 +757,16 @@ class AnthropicMessages:
                        f"{self.static_headers['anthropic-version']} does not accept them")
             if warning not in call.warnings:  # once, however many attempts
                 call.warnings.append(warning)
-        read_timeout = call.params.timeout or target.timeout or (
-            self.timeouts.stream_idle if call.stream else self.timeouts.read
-        )
-        started = time.perf_counter()
-        try:
-            response = await self.upstream.post(
-                target.provider,
-                self.url(target, call.stream),
-                self.request_headers(target),
-                body,
-                connect_timeout=self.timeouts.connect,
-                read_timeout=read_timeout,
-                stream=call.stream,
-                max_connections=self.config.max_connections,
-            )
-            headers = reply_headers(response)
-            if call.stream and response.status < 400:
-                return Reply(200, stream=self._stream(response, target), headers=headers,
-                             media_type="text/event-stream")
-            raw = await response.read()
-        finally:
-            call.upstream_time += time.perf_counter() - started
+        response, raw = await post_upstream(self, call, target, self.url(target, call.stream),
+                                            self.request_headers(target), body)
+        headers = reply_headers(response)
+        if raw is None:
+            return Reply(200, stream=self._stream(response, target), headers=headers, media_type="text/event-stream")
         if response.status >= 400:
             status, out = error_reply_body(response.status, raw)
             return Reply(status, body=out, headers=headers)
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):
+        data = json_object(raw)
+        if data is None:
             message = f"provider '{target.provider}' sent a response that is not a JSON object"
             error = {"error": {"message": message, "type": "api_error", "param": None, "code": "bad_response"}}
             return Reply(502, body=orjson.dumps(error), headers=headers)

@@ -44,6 +44,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from proxy.call import Call, Target
 from proxy.errors import ValidationFailed
+from proxy.providers.common import bounded_get
 from proxy.providers.openai_compatible import OpenAICompatible
 from proxy.settings import ConfigError, Provider, Timeouts
 from proxy.upstream import UpstreamClient
@@ -120,13 +121,7 @@ class AzureOpenAI(OpenAICompatible):
         self._urls: dict[tuple[str, str, str | None, str], str] = {}
 
     def base(self, base_url: str) -> BaseURL:
-        base = self._bases.get(base_url)
-        if base is None:
-            base = BaseURL(base_url)
-            if len(self._bases) >= _CACHE_LIMIT:
-                self._bases.clear()
-            self._bases[base_url] = base
-        return base
+        return bounded_get(self._bases, base_url, BaseURL, _CACHE_LIMIT)
 
     def url(self, call: Call, target: Target) -> str:
         base_url = target.base_url or self.config.base_url

@@ -59,6 +59,17 @@ import orjson
 from proxy.call import Call, Reply, Target
 from proxy.errors import BadRequest
 from proxy.providers.anthropic import openai_usage
+from proxy.providers.common import (
+    chunk_event,
+    content_parts,
+    file_data,
+    image_url,
+    json_object,
+    post_upstream,
+    tool_arguments,
+    tool_call_id,
+    tool_function,
+)
 from proxy.providers.eventstream import EventStreamDecoder, EventStreamError
 from proxy.providers.sigv4 import sign_headers
 from proxy.settings import Provider, Timeouts
@@ -120,10 +131,7 @@ def data_url(url: str, where: str) -> tuple[str, str]:
 
 
 def _image(part: dict[str, Any], where: str) -> dict[str, Any]:
-    image = part.get("image_url")
-    url = image.get("url") if isinstance(image, dict) else image
-    if not isinstance(url, str) or not url:
-        raise _bad(f"{where}: image_url.url is required")
+    url = image_url(part, where, _bad)
     if not url.startswith("data:"):
         raise _bad(f"{where}: Bedrock takes images inline only: give image_url.url as a base64 data URL")
     media_type, data = data_url(url, where)
@@ -134,10 +142,7 @@ def _image(part: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _document(part: dict[str, Any], where: str, index: int) -> dict[str, Any]:
-    file = part.get("file")
-    data = file.get("file_data") if isinstance(file, dict) else None
-    if not isinstance(data, str) or not data.startswith("data:"):
-        raise _bad(f"{where}: only files given inline as file.file_data (a base64 data URL) can be sent")
+    file, data = file_data(part, where, _bad)
     media_type, payload = data_url(data, where)
     fmt = DOCUMENT_FORMATS.get(media_type)
     if fmt is None:
@@ -150,26 +155,12 @@ def _document(part: dict[str, Any], where: str, index: int) -> dict[str, Any]:
 
 def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
     """OpenAI message content -> Converse content blocks."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"text": content}] if content.strip() else []
-    if not isinstance(content, list):
-        raise _bad(f"{where}.content must be a string or an array of content parts")
     out: list[dict[str, Any]] = []
-    for i, part in enumerate(content):
-        at = f"{where}.content[{i}]"
-        if isinstance(part, str):
-            part = {"type": "text", "text": part}
-        if not isinstance(part, dict):
-            raise _bad(f"{at} must be an object")
+    for i, at, part in content_parts(content, where, _bad):
         kind = part.get("type")
         if kind == "text":
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise _bad(f"{at}.text must be a string")
-            if text.strip():  # Bedrock refuses blank text blocks
-                out.append({"text": text})
+            if part["text"].strip():  # Bedrock refuses blank text blocks
+                out.append({"text": part["text"]})
         elif kind == "image_url":
             out.append(_image(part, at))
         elif kind == "file":
@@ -181,32 +172,10 @@ def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _arguments(function: dict[str, Any], where: str) -> dict[str, Any]:
-    arguments = function.get("arguments")
-    if arguments is None or arguments == "":
-        return {}
-    if isinstance(arguments, dict):
-        return arguments
-    try:
-        value = orjson.loads(arguments)
-    except (orjson.JSONDecodeError, TypeError):
-        value = None
-    if not isinstance(value, dict):
-        raise _bad(f"{where}.function.arguments must be a JSON object")
-    return value
-
-
 def _tool_use(call: Any, where: str) -> dict[str, Any]:
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        raise _bad(f"{where} must be an object with a function")
-    function = call["function"]
-    name = function.get("name")
-    if not isinstance(name, str) or not name:
-        raise _bad(f"{where}.function.name is required")
-    call_id = call.get("id")
-    if not isinstance(call_id, str) or not call_id:
-        raise _bad(f"{where}.id is required")
-    return {"toolUse": {"toolUseId": call_id, "name": name, "input": _arguments(function, where)}}
+    function, name = tool_function(call, where, _bad)
+    call_id = tool_call_id(call, where, _bad)
+    return {"toolUse": {"toolUseId": call_id, "name": name, "input": tool_arguments(function, where, _bad)}}
 
 
 def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
@@ -437,9 +406,7 @@ class StreamTranslator:
         self._tools: dict[int, int] = {}  # contentBlockIndex -> tool_calls index
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return b"data: " + orjson.dumps(data) + b"\n\n"
+        return chunk_event(self.id, self.created, self.model, delta, finish)
 
     def _delta(self, out: list[bytes], delta: dict[str, Any], finish: str | None = None) -> None:
         if not self.opened:
@@ -618,33 +585,19 @@ class BedrockConverse:
         signed = sign_headers("POST", url, headers, body, access_key=credentials.access_key,
                               secret_key=credentials.secret_key, region=credentials.region, service=SERVICE,
                               session_token=credentials.session_token)
-        read_timeout = call.params.timeout or target.timeout or (
-            self.timeouts.stream_idle if call.stream else self.timeouts.read)
-        started = time.perf_counter()
-        try:
-            response = await self.upstream.post(
-                target.provider, url, signed, body,
-                connect_timeout=self.timeouts.connect, read_timeout=read_timeout, stream=call.stream,
-                max_connections=self.config.max_connections,
-            )
-            reply_headers = response.pass_headers()
-            request_id = response.headers.get("x-amzn-requestid")
-            if request_id:
-                reply_headers.setdefault("x-request-id", request_id)
-            if call.stream and response.status < 400:
-                return Reply(200, stream=self._stream(response, target), headers=reply_headers,
-                             media_type="text/event-stream")
-            raw = await response.read()
-        finally:
-            call.upstream_time += time.perf_counter() - started
+        response, raw = await post_upstream(self, call, target, url, signed, body)
+        reply_headers = response.pass_headers()
+        request_id = response.headers.get("x-amzn-requestid")
+        if request_id:
+            reply_headers.setdefault("x-request-id", request_id)
+        if raw is None:
+            return Reply(200, stream=self._stream(response, target), headers=reply_headers,
+                         media_type="text/event-stream")
         if response.status >= 400:
             out = error_reply_body(response.status, raw, response.headers.get("x-amzn-errortype"))
             return Reply(response.status, body=out, headers=reply_headers)
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):
+        data = json_object(raw)
+        if data is None:
             message = f"provider '{target.provider}' sent a response that is not a JSON object"
             return Reply(502, body=_error(502, message, "bad_response"), headers=reply_headers)
         return Reply(200, body=orjson.dumps(from_converse(data, target.model)), headers=reply_headers)

@@ -91,6 +91,7 @@ import orjson
 
 from proxy.call import Call, Reply, Target
 from proxy.errors import BadRequest
+from proxy.providers.common import json_object, post_upstream
 from proxy.settings import Provider, Timeouts
 from proxy.sse import SSEDecoder
 from proxy.upstream import UpstreamClient, UpstreamResponse
@@ -837,35 +838,16 @@ class GeminiGenerateContent:
 
     async def send(self, call: Call, target: Target) -> Reply:
         body = orjson.dumps(to_gemini(call.body))  # a malformed request is the gateway's 400, before any I/O
-        read_timeout = call.params.timeout or target.timeout or (
-            self.timeouts.stream_idle if call.stream else self.timeouts.read
-        )
-        started = time.perf_counter()
-        try:
-            response = await self.upstream.post(
-                target.provider,
-                self.url(target, call.stream),
-                self.request_headers(target),
-                body,
-                connect_timeout=self.timeouts.connect,
-                read_timeout=read_timeout,
-                stream=call.stream,
-                max_connections=self.config.max_connections,
-            )
-            headers = response.pass_headers()
-            if call.stream and response.status < 400:
-                stream = translate_stream(response, StreamTranslator(target.model))
-                return Reply(200, stream=stream, headers=headers, media_type="text/event-stream")
-            raw = await response.read()
-        finally:
-            call.upstream_time += time.perf_counter() - started
+        response, raw = await post_upstream(self, call, target, self.url(target, call.stream),
+                                            self.request_headers(target), body)
+        headers = response.pass_headers()
+        if raw is None:
+            stream = translate_stream(response, StreamTranslator(target.model))
+            return Reply(200, stream=stream, headers=headers, media_type="text/event-stream")
         if response.status >= 400:
             return Reply(response.status, body=error_body(response.status, raw), headers=headers)
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):
+        data = json_object(raw)
+        if data is None:
             message = f"Provider '{target.provider}' answered with a body that is not a Gemini response"
             return Reply(502, body=orjson.dumps({"error": {"message": message, "type": "upstream_error",
                                                            "param": None, "code": "bad_upstream_response"}}),

@@ -7,11 +7,10 @@ passes through with only `model` replaced; the stream is the provider's own, nev
 
 from __future__ import annotations
 
-import time
-
 import orjson
 
 from proxy.call import Call, Reply, Target
+from proxy.providers.common import post_upstream
 from proxy.settings import Provider, Timeouts
 from proxy.upstream import UpstreamClient
 
@@ -81,28 +80,12 @@ class OpenAICompatible:
 
     async def send(self, call: Call, target: Target) -> Reply:
         url = self.url(call, target)
-        read_timeout = call.params.timeout or target.timeout or (
-            self.timeouts.stream_idle if call.stream else self.timeouts.read
-        )
-        started = time.perf_counter()
-        try:
-            response = await self.upstream.post(
-                target.provider,
-                url,
-                self.request_headers(target),
-                self.request_body(call, target),
-                connect_timeout=self.timeouts.connect,
-                read_timeout=read_timeout,
-                stream=call.stream,
-                max_connections=self.config.max_connections,
-            )
-            headers = response.pass_headers()
-            media_type = response.headers.get("Content-Type", "application/json")
-            if call.stream and response.status < 400:
-                return Reply(200, stream=response.chunks(), headers=headers, media_type="text/event-stream")
-            body = await response.read()
-        finally:
-            call.upstream_time += time.perf_counter() - started
+        response, body = await post_upstream(self, call, target, url, self.request_headers(target),
+                                             self.request_body(call, target))
+        headers = response.pass_headers()
+        if body is None:
+            return Reply(200, stream=response.chunks(), headers=headers, media_type="text/event-stream")
+        media_type = response.headers.get("Content-Type", "application/json")
         return Reply(response.status, body=body, headers=headers, media_type=media_type)
 
     async def close(self) -> None:

@@ -51,6 +51,7 @@ import orjson
 from proxy.call import Call, Reply, Target
 from proxy.errors import BadRequest, UpstreamUnavailable, ValidationFailed
 from proxy.providers.anthropic import AnthropicMessages
+from proxy.providers.common import bounded_get
 from proxy.providers.gemini import GeminiGenerateContent
 from proxy.providers.google_auth import InvalidServiceAccount, ServiceAccount, TokenCache
 from proxy.settings import ConfigError, Provider, Timeouts
@@ -158,23 +159,11 @@ class VertexAI:
             raise ConfigError(f"provider {config.id!r}: base_url: expected https://<location>-aiplatform.googleapis.com")
 
     def base(self, base_url: str) -> VertexBase:
-        base = self._bases.get(base_url)
-        if base is None:
-            base = VertexBase(base_url)
-            if len(self._bases) >= _CACHE_LIMIT:
-                self._bases.clear()
-            self._bases[base_url] = base
-        return base
+        return bounded_get(self._bases, base_url, VertexBase, _CACHE_LIMIT)
 
     def _account(self, value: Any) -> ServiceAccount:
         text = value if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-        account = self._accounts.get(text)
-        if account is None:
-            account = ServiceAccount.parse(text)
-            if len(self._accounts) >= _CACHE_LIMIT:
-                self._accounts.clear()
-            self._accounts[text] = account
-        return account
+        return bounded_get(self._accounts, text, ServiceAccount.parse, _CACHE_LIMIT)
 
     def resolve(self, target: Target) -> tuple[ServiceAccount, str, dict[str, str]]:
         """(service account, location prefix URL, headers without Authorization) for one target."""
