@@ -7,15 +7,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import pytest
 import yaml
+from openai import OpenAI
 
+from proxy.call import Call, Target
 from proxy.keys import hash_key
+from proxy.params import EMPTY
+from proxy.providers.azure import AzureOpenAI
+from proxy.settings import Provider, Timeouts
+from proxy.upstream import UpstreamClient
 from tests.mock_upstream import MockUpstream, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +29,13 @@ KEY = "sk-test-gateway-key"
 TEST_KEY = "sk-test-env-key"
 EXPIRED_KEY = "sk-test-expired-key"
 UPSTREAM_KEY = "sk-upstream-secret-1234567890"
+# two OpenAI function tools, for the adapters' tool-call translation tests
+WEATHER_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"tz": {"type": "string"}}}}},
+]
 
 
 class GatewayProcess:
@@ -103,7 +116,9 @@ class GatewayProcess:
         return rows[0]
 
 
-def base_config(mock: MockUpstream, workdir: Path, **overrides: Any) -> dict[str, Any]:
+def base_config(mock: MockUpstream, workdir: Path, extra_providers: Iterable[dict[str, Any]] = (),
+                extra_models: Iterable[dict[str, Any]] = (), **overrides: Any) -> dict[str, Any]:
+    """The standard test config; `overrides` replace top-level keys, then the `extra_*` entries are appended."""
     config: dict[str, Any] = {
         "providers": [
             {"id": "mock", "protocol": "openai", "base_url": mock.base_url, "api_key": UPSTREAM_KEY},
@@ -129,14 +144,87 @@ def base_config(mock: MockUpstream, workdir: Path, **overrides: Any) -> dict[str
         "auto_providers": False,
     }
     config.update(overrides)
+    config["providers"] = [*config["providers"], *extra_providers]
+    config["models"] = [*config["models"], *extra_models]
     return config
+
+
+class Server(Protocol):
+    """What the mock servers share: start() (returning the server), stop() and reset()."""
+
+    def start(self) -> Any: ...
+    def stop(self) -> Any: ...
+    def reset(self) -> Any: ...
+
+
+S = TypeVar("S", bound=Server)
+
+
+def serving(server: S) -> Iterator[S]:
+    """For a fixture: `yield from serving(MockX())` starts the server, yields it, stops it afterwards."""
+    started = server.start()
+    yield started
+    started.stop()
+
+
+def server_fixtures(factory: Callable[[], Server], name: str, fresh_name: str) -> tuple[Any, Any]:
+    """Two fixtures for a mock server: `name`, one running server per module, and `fresh_name`, the same
+    server reset for each test. Use as `server, fresh = server_fixtures(MockX, "server", "fresh")`."""
+
+    @pytest.fixture(scope="module", name=name)
+    def module_server() -> Iterator[Server]:
+        yield from serving(factory())
+
+    @pytest.fixture(name=fresh_name)
+    def reset_server(request: pytest.FixtureRequest) -> Server:
+        server = request.getfixturevalue(name)
+        server.reset()
+        return server
+
+    return module_server, reset_server
+
+
+def module_gateway(tmp_path_factory: pytest.TempPathFactory, name: str, mock: MockUpstream | None = None, *,
+                   config: Callable[[Path], dict[str, Any]] | None = None, env: dict[str, str] | None = None,
+                   **overrides: Any) -> Iterator[GatewayProcess]:
+    """For a module-scoped fixture: `yield from module_gateway(...)` runs one gateway in a fresh
+    tmp directory `name`, on config(workdir), or else on base_config(mock, workdir, **overrides)."""
+    workdir = tmp_path_factory.mktemp(name)
+    cfg = config(workdir) if config is not None else base_config(mock, workdir, **overrides)  # type: ignore[arg-type]
+    process = GatewayProcess(cfg, workdir, env=env).start()
+    yield process
+    process.stop()
+
+
+def openai_client(gateway: GatewayProcess, prefix: str = "/api") -> OpenAI:
+    """The official SDK on the gateway, with the test key and no retries."""
+    return OpenAI(base_url=gateway.url + prefix, api_key=KEY, max_retries=0)
+
+
+def azure_url(endpoint: str, base_url: str, api_version: str | None) -> str:
+    """The URL the Azure adapter builds for a call to `endpoint` (e.g. "embeddings") on deployment "dep"."""
+    config = Provider(id="azure", protocol="azure", base_url=base_url, api_key="k", api_version=api_version)
+    az = AzureOpenAI(config, Timeouts(), UpstreamClient())
+    call = Call(endpoint=endpoint, path=f"/api/{endpoint}", body={"model": "m", "input": "a"}, params=EMPTY,
+                headers={})
+    return az.url(call, Target(provider="azure", protocol="azure", model="dep", base_url=base_url))
+
+
+def add_tool_call_deltas(calls: dict[int, dict[str, Any]], deltas: Iterable[Any] | None) -> None:
+    """Accumulate streamed tool-call deltas into `calls` by index, as the SDK's users do."""
+    for delta in deltas or ():
+        slot = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+        if delta.id:
+            slot["id"] = delta.id
+        if delta.function and delta.function.name:
+            slot["name"] += delta.function.name
+        if delta.function and delta.function.arguments:
+            slot["arguments"] += delta.function.arguments
 
 
 @pytest.fixture(scope="session")
 def mock_upstream() -> Iterator[MockUpstream]:
-    mock = MockUpstream().start()
-    yield mock
-    mock.stop()
+    yield from serving(MockUpstream())
 
 
 @pytest.fixture
@@ -148,10 +236,7 @@ def mock(mock_upstream: MockUpstream) -> MockUpstream:
 @pytest.fixture(scope="module")
 def gateway(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """One gateway per test module on the standard test config."""
-    workdir = tmp_path_factory.mktemp("gateway")
-    process = GatewayProcess(base_config(mock_upstream, workdir), workdir).start()
-    yield process
-    process.stop()
+    yield from module_gateway(tmp_path_factory, "gateway", mock_upstream)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from proxy.pipeline import StageContext
 from proxy.settings import Cooldowns as CooldownPolicy
 from proxy.settings import parse_settings
 from proxy.state.cooldowns import Cooldowns
-from tests.conftest import KEY, UPSTREAM_KEY, GatewayProcess, base_config
+from tests.conftest import KEY, UPSTREAM_KEY, GatewayProcess, base_config, module_gateway
 from tests.mock_upstream import MockUpstream
 
 # chi-square critical values at p = 0.001, by degrees of freedom
@@ -522,10 +522,7 @@ def e2e_config(mock: MockUpstream, workdir: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("credentials")
-    process = GatewayProcess(e2e_config(mock_upstream, workdir), workdir).start()
-    yield process
-    process.stop()
+    yield from module_gateway(tmp_path_factory, "credentials", config=lambda workdir: e2e_config(mock_upstream, workdir))
 
 
 @pytest.fixture(scope="module")

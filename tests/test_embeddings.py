@@ -13,13 +13,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from proxy.call import Call, Target
-from proxy.params import EMPTY
-from proxy.providers.azure import AzureOpenAI
 from proxy.providers.demo import demo_vector
-from proxy.settings import DEMO_KEY, Provider, Timeouts
-from proxy.upstream import UpstreamClient
-from tests.conftest import KEY, GatewayProcess, base_config
+from proxy.settings import DEMO_KEY
+from tests.conftest import KEY, GatewayProcess, azure_url, module_gateway
+from tests.conftest import openai_client as client
 from tests.mock_upstream import EMBEDDING_DIMENSIONS, EMBEDDING_TOKENS_PER_INPUT, MockUpstream, mock_vector
 
 PRICES = {"input": 0.02, "output": 0.0}
@@ -27,10 +24,9 @@ PRICES = {"input": 0.02, "output": 0.0}
 
 @pytest.fixture(scope="module")
 def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("embeddings")
     root = mock_upstream.root_url
-    config = base_config(
-        mock_upstream, workdir,
+    yield from module_gateway(
+        tmp_path_factory, "embeddings", mock_upstream,
         pipeline=["auth", "routing", "credentials", "fallback"],
         models=[
             {"name": "emb", "provider": "mock", "model": "mock-emb", "prices": PRICES},
@@ -38,18 +34,11 @@ def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) ->
             {"name": "emb-azure", "provider": "azure", "model": "emb-deployment", "prices": PRICES},
             {"name": "claude-emb", "provider": "anthropic", "model": "claude-x"},
         ],
+        extra_providers=[
+            {"id": "azure", "protocol": "azure", "base_url": root, "api_key": "az-key", "api_version": "2024-10-21"},
+            {"id": "anthropic", "protocol": "anthropic", "base_url": root, "api_key": "an-key"},
+        ],
     )
-    config["providers"] += [
-        {"id": "azure", "protocol": "azure", "base_url": root, "api_key": "az-key", "api_version": "2024-10-21"},
-        {"id": "anthropic", "protocol": "anthropic", "base_url": root, "api_key": "an-key"},
-    ]
-    process = GatewayProcess(config, workdir).start()
-    yield process
-    process.stop()
-
-
-def client(gw: GatewayProcess, prefix: str = "/api") -> OpenAI:
-    return OpenAI(base_url=gw.url + prefix, api_key=KEY, max_retries=0)
 
 
 def floats(b64: str) -> list[float]:
@@ -193,11 +182,7 @@ def test_azure_embeddings_url(gw, mock):
 
 
 def _azure_url(base_url: str, api_version: str | None = "2024-06-01") -> str:
-    config = Provider(id="azure", protocol="azure", base_url=base_url, api_key="k", api_version=api_version)
-    az = AzureOpenAI(config, Timeouts(), UpstreamClient())
-    call = Call(endpoint="embeddings", path="/api/embeddings", body={"model": "m", "input": "a"}, params=EMPTY,
-                headers={})
-    return az.url(call, Target(provider="azure", protocol="azure", model="dep", base_url=base_url))
+    return azure_url("embeddings", base_url, api_version)
 
 
 def test_azure_embeddings_url_shapes():

@@ -17,7 +17,7 @@ from proxy.call import Call
 from proxy.endpoints.anthropic import read_call
 from proxy.params import EMPTY
 from proxy.sse_anthropic import AnthropicStreamTap
-from tests.conftest import KEY, GatewayProcess, base_config
+from tests.conftest import KEY, GatewayProcess, module_gateway, server_fixtures
 from tests.mock_anthropic import TEXT, TOOLS, MockAnthropic
 from tests.mock_vertex import MockVertex
 from tests.test_provider_vertex import GATEWAY_EMAIL, Keypair, vertex_env
@@ -27,11 +27,7 @@ COST = (12 * 3.0 + 6 * 15.0) / 1e6  # mock_anthropic.USAGE: 12 input, 6 output
 HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def amock() -> Iterator[MockAnthropic]:
-    mock = MockAnthropic().start()
-    yield mock
-    mock.stop()
+amock, mock = server_fixtures(MockAnthropic, "amock", "mock")
 
 
 @pytest.fixture(scope="module")
@@ -47,29 +43,22 @@ def vmock(tmp_path_factory) -> Iterator[tuple[MockVertex, dict[str, str]]]:
 @pytest.fixture(scope="module")
 def gw(mock_upstream, amock, vmock, tmp_path_factory) -> Iterator[GatewayProcess]:
     vertex, env = vmock
-    workdir = tmp_path_factory.mktemp("gateway-anthropic-passthrough")
-    config = base_config(mock_upstream, workdir, pipeline=["auth", "routing", "fallback"])
-    config["providers"] += [
-        {"id": "anthropic", "protocol": "anthropic", "base_url": amock.base_url, "api_key": "sk-ant-upstream"},
-        {"id": "vertex", "protocol": "vertex_ai", "api_key": "${VERTEX_SA_JSON}",
-         "base_url": f"{vertex.base_url}/v1/projects/proj-test/locations/us-central1"},
-    ]
-    config["models"] += [
-        {"name": "claude-test", "provider": "anthropic", "model": "claude-sonnet-test", "prices": PRICES},
-        {"name": "claude-tools", "provider": "anthropic", "model": "claude-tools", "prices": PRICES},
-        {"name": "claude-error-first", "provider": "anthropic", "model": "claude-stream-error-first",
-         "prices": PRICES},
-        {"name": "claude-cut", "provider": "anthropic", "model": "claude-cut", "prices": PRICES},
-    ]
-    process = GatewayProcess(config, workdir, env=env).start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def mock(amock: MockAnthropic) -> MockAnthropic:
-    amock.reset()
-    return amock
+    yield from module_gateway(
+        tmp_path_factory, "gateway-anthropic-passthrough", mock_upstream, env=env,
+        pipeline=["auth", "routing", "fallback"],
+        extra_providers=[
+            {"id": "anthropic", "protocol": "anthropic", "base_url": amock.base_url, "api_key": "sk-ant-upstream"},
+            {"id": "vertex", "protocol": "vertex_ai", "api_key": "${VERTEX_SA_JSON}",
+             "base_url": f"{vertex.base_url}/v1/projects/proj-test/locations/us-central1"},
+        ],
+        extra_models=[
+            {"name": "claude-test", "provider": "anthropic", "model": "claude-sonnet-test", "prices": PRICES},
+            {"name": "claude-tools", "provider": "anthropic", "model": "claude-tools", "prices": PRICES},
+            {"name": "claude-error-first", "provider": "anthropic", "model": "claude-stream-error-first",
+             "prices": PRICES},
+            {"name": "claude-cut", "provider": "anthropic", "model": "claude-cut", "prices": PRICES},
+        ],
+    )
 
 
 def client(gw: GatewayProcess, **kwargs: Any) -> anthropic.Anthropic:

@@ -15,7 +15,6 @@ import httpx
 import openai
 import orjson
 import pytest
-from openai import OpenAI
 
 from proxy.call import Target
 from proxy.errors import BadRequest
@@ -31,30 +30,23 @@ from proxy.providers.anthropic import (
 from proxy.settings import Provider, Timeouts
 from proxy.sse import ChatStreamTap, SSEDecoder
 from proxy.upstream import UpstreamClient, UpstreamStreamError
-from tests.conftest import KEY, GatewayProcess, base_config
+from tests.conftest import (
+    KEY,
+    WEATHER_TOOLS,
+    GatewayProcess,
+    add_tool_call_deltas,
+    base_config,
+    module_gateway,
+    server_fixtures,
+)
+from tests.conftest import openai_client as client
 from tests.mock_anthropic import SIGNATURE, TEXT, THINKING, TOOLS, MockAnthropic
 
 HI = [{"role": "user", "content": "hi"}]
 PRICES = {"input": 3.0, "output": 15.0, "cached_input": 0.3}
-WEATHER_TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
-    {"type": "function", "function": {"name": "get_time", "parameters": {
-        "type": "object", "properties": {"tz": {"type": "string"}}}}},
-]
 
 
-@pytest.fixture(scope="module")
-def anthropic_mock() -> Iterator[MockAnthropic]:
-    mock = MockAnthropic().start()
-    yield mock
-    mock.stop()
-
-
-@pytest.fixture
-def amock(anthropic_mock: MockAnthropic) -> MockAnthropic:
-    anthropic_mock.reset()
-    return anthropic_mock
+anthropic_mock, amock = server_fixtures(MockAnthropic, "anthropic_mock", "amock")
 
 
 def anthropic_config(mock_upstream, anthropic_mock: MockAnthropic, workdir, **overrides: Any) -> dict[str, Any]:
@@ -73,14 +65,8 @@ def anthropic_config(mock_upstream, anthropic_mock: MockAnthropic, workdir, **ov
 
 @pytest.fixture(scope="module")
 def gw(mock_upstream, anthropic_mock: MockAnthropic, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("gateway-anthropic")
-    process = GatewayProcess(anthropic_config(mock_upstream, anthropic_mock, workdir), workdir).start()
-    yield process
-    process.stop()
-
-
-def client(gw: GatewayProcess) -> OpenAI:
-    return OpenAI(base_url=f"{gw.url}/api", api_key=KEY, max_retries=0)
+    yield from module_gateway(tmp_path_factory, "gateway-anthropic",
+                              config=lambda workdir: anthropic_config(mock_upstream, anthropic_mock, workdir))
 
 
 def sent(amock: MockAnthropic) -> dict[str, Any]:
@@ -318,14 +304,7 @@ def test_tools_stream(gw, amock):
     for c in raw.parse():
         choice = c.choices[0]
         text += choice.delta.content or ""
-        for d in choice.delta.tool_calls or []:  # accumulate as the SDK's users do
-            slot = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
-            if d.id:
-                slot["id"] = d.id
-            if d.function and d.function.name:
-                slot["name"] += d.function.name
-            if d.function and d.function.arguments:
-                slot["arguments"] += d.function.arguments
+        add_tool_call_deltas(calls, choice.delta.tool_calls)
         finish = choice.finish_reason or finish
     assert text == "Let me check."
     assert finish == "tool_calls"

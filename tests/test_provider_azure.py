@@ -14,7 +14,6 @@ import httpx
 import openai
 import orjson
 import pytest
-from openai import OpenAI
 
 from proxy.call import Call, Target
 from proxy.errors import ValidationFailed
@@ -24,7 +23,8 @@ from proxy.providers.azure import DEFAULT_API_VERSION, AzureOpenAI
 from proxy.providers.openai_compatible import OpenAICompatible
 from proxy.settings import ConfigError, Provider, Timeouts, parse_settings
 from proxy.upstream import UpstreamClient
-from tests.conftest import KEY, GatewayProcess, base_config
+from tests.conftest import KEY, GatewayProcess, module_gateway, server_fixtures
+from tests.conftest import openai_client as client
 from tests.mock_upstream import WORDS, MockUpstream
 
 ANSWER = "".join(WORDS)
@@ -172,26 +172,15 @@ PRICES = {"input": 1.0, "output": 2.0, "cached_input": 0.5}
 COST = (9 * 1.0 + 2 * 0.5 + 7 * 2.0) / 1e6  # the mock's usage: 11 prompt (2 cached), 7 completion
 
 
-@pytest.fixture(scope="module")
-def second() -> Iterator[MockUpstream]:
-    """Another Azure resource, for credentials that name their own api_base."""
-    other = MockUpstream().start()
-    yield other
-    other.stop()
-
-
-@pytest.fixture
-def other(second: MockUpstream) -> MockUpstream:
-    second.reset()
-    return second
+# `second`: another Azure resource, for credentials that name their own api_base; `other`: it, reset
+second, other = server_fixtures(MockUpstream, "second", "other")
 
 
 @pytest.fixture(scope="module")
 def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("azure")
     root = mock_upstream.root_url
-    config = base_config(
-        mock_upstream, workdir,
+    yield from module_gateway(
+        tmp_path_factory, "azure", mock_upstream,
         providers=[
             {"id": "azure", "protocol": "azure", "base_url": root, "api_key": "az-key", "api_version": "2024-10-21"},
             {"id": "azure_fixed", "protocol": "azure", "base_url": f"{root}/openai/deployments/fixed-dep",
@@ -203,13 +192,6 @@ def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) ->
         ],
         pipeline=["auth", "routing", "credentials"],
     )
-    process = GatewayProcess(config, workdir).start()
-    yield process
-    process.stop()
-
-
-def client(gw: GatewayProcess) -> OpenAI:
-    return OpenAI(base_url=f"{gw.url}/api", api_key=KEY, max_retries=0)
 
 
 def post(gw: GatewayProcess, body: dict[str, Any]) -> httpx.Response:

@@ -15,7 +15,6 @@ import openai
 import orjson
 import pytest
 import yarl
-from openai import OpenAI
 
 from proxy.call import Target
 from proxy.errors import BadRequest
@@ -36,19 +35,14 @@ from proxy.providers.bedrock import (
 from proxy.providers.eventstream import EventStreamDecoder, EventStreamError, encode_message
 from proxy.settings import Provider, Timeouts
 from proxy.upstream import UpstreamClient
-from tests.conftest import KEY, GatewayProcess, base_config
+from tests.conftest import KEY, WEATHER_TOOLS, GatewayProcess, module_gateway, server_fixtures
+from tests.conftest import openai_client as client
 from tests.mock_bedrock import TEXT, TOOLS, MockBedrock, event, exception, frame
 
 HI = [{"role": "user", "content": "hi"}]
 PRICES = {"input": 3.0, "output": 15.0, "cached_input": 0.3}
 HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 PNG = "iVBORw0KGgo="
-WEATHER_TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
-    {"type": "function", "function": {"name": "get_time", "parameters": {
-        "type": "object", "properties": {"tz": {"type": "string"}}}}},
-]
 
 # AWS's example credentials, used by its SigV4 documentation and test suite
 EXAMPLE_SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
@@ -355,43 +349,27 @@ def test_credentials_and_region():
 # -- end to end ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bedrock_mock() -> Iterator[MockBedrock]:
-    mock = MockBedrock().start()
-    yield mock
-    mock.stop()
-
-
-@pytest.fixture
-def bmock(bedrock_mock: MockBedrock) -> MockBedrock:
-    bedrock_mock.reset()
-    return bedrock_mock
+bedrock_mock, bmock = server_fixtures(MockBedrock, "bedrock_mock", "bmock")
 
 
 @pytest.fixture(scope="module")
 def gw(mock_upstream, bedrock_mock: MockBedrock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("gateway-bedrock")
-    config = base_config(mock_upstream, workdir, pipeline=["auth", "routing", "credentials"])
-    config["providers"] += [
-        {"id": "bedrock", "protocol": "bedrock", "base_url": bedrock_mock.base_url, "api_key": "AKIDEXAMPLE:secret"},
-        {"id": "bedrock-wrong", "protocol": "bedrock", "base_url": bedrock_mock.base_url,
-         "api_key": "AKIDEXAMPLE:not-the-secret"},
-    ]
-    config["models"] += [
-        {"name": "haiku", "provider": "bedrock", "model": HAIKU, "prices": PRICES},
-        {"name": "haiku-cache", "provider": "bedrock", "model": "anthropic.claude-cache-v1:0", "prices": PRICES},
-        {"name": "haiku-tools", "provider": "bedrock", "model": "anthropic.claude-tools-v1:0", "prices": PRICES},
-        {"name": "haiku-throttled", "provider": "bedrock", "model": "anthropic.claude-throttled", "prices": PRICES},
-        {"name": "haiku-429", "provider": "bedrock", "model": "anthropic.claude-status-429"},
-        {"name": "haiku-wrong", "provider": "bedrock-wrong", "model": HAIKU},
-    ]
-    process = GatewayProcess(config, workdir).start()
-    yield process
-    process.stop()
-
-
-def client(gw: GatewayProcess) -> OpenAI:
-    return OpenAI(base_url=f"{gw.url}/api", api_key=KEY, max_retries=0)
+    yield from module_gateway(
+        tmp_path_factory, "gateway-bedrock", mock_upstream, pipeline=["auth", "routing", "credentials"],
+        extra_providers=[
+            {"id": "bedrock", "protocol": "bedrock", "base_url": bedrock_mock.base_url, "api_key": "AKIDEXAMPLE:secret"},
+            {"id": "bedrock-wrong", "protocol": "bedrock", "base_url": bedrock_mock.base_url,
+             "api_key": "AKIDEXAMPLE:not-the-secret"},
+        ],
+        extra_models=[
+            {"name": "haiku", "provider": "bedrock", "model": HAIKU, "prices": PRICES},
+            {"name": "haiku-cache", "provider": "bedrock", "model": "anthropic.claude-cache-v1:0", "prices": PRICES},
+            {"name": "haiku-tools", "provider": "bedrock", "model": "anthropic.claude-tools-v1:0", "prices": PRICES},
+            {"name": "haiku-throttled", "provider": "bedrock", "model": "anthropic.claude-throttled", "prices": PRICES},
+            {"name": "haiku-429", "provider": "bedrock", "model": "anthropic.claude-status-429"},
+            {"name": "haiku-wrong", "provider": "bedrock-wrong", "model": HAIKU},
+        ],
+    )
 
 
 def test_e2e_text_non_stream(gw, bmock):

@@ -15,7 +15,6 @@ import httpx
 import openai
 import orjson
 import pytest
-from openai import OpenAI
 
 from proxy.errors import BadRequest
 from proxy.providers.gemini import (
@@ -30,7 +29,8 @@ from proxy.providers.gemini import (
 )
 from proxy.settings import Provider, Timeouts
 from proxy.upstream import UpstreamClient
-from tests.conftest import KEY, GatewayProcess, base_config
+from tests.conftest import KEY, GatewayProcess, module_gateway, server_fixtures
+from tests.conftest import openai_client as client
 from tests.mock_gemini import ANSWER, THOUGHT, MockGemini
 from tests.test_streaming import events
 
@@ -51,38 +51,20 @@ WEATHER_TOOLS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gemini_mock() -> Iterator[MockGemini]:
-    mock = MockGemini().start()
-    yield mock
-    mock.stop()
-
-
-@pytest.fixture
-def gm(gemini_mock: MockGemini) -> MockGemini:
-    gemini_mock.reset()
-    return gemini_mock
+gemini_mock, gm = server_fixtures(MockGemini, "gemini_mock", "gm")
 
 
 @pytest.fixture(scope="module")
 def gw(gemini_mock, mock_upstream, tmp_path_factory) -> Iterator[GatewayProcess]:
     """One gateway for the module: a `gemini` provider on the mock, models with prices."""
-    workdir = tmp_path_factory.mktemp("gemini-gateway")
-    config = base_config(
-        mock_upstream, workdir,
+    yield from module_gateway(
+        tmp_path_factory, "gemini-gateway", mock_upstream,
         providers=[{"id": "gemini", "protocol": "gemini", "base_url": gemini_mock.base_url, "api_key": GEMINI_KEY}],
         models=[
             {"name": "gemini-test", "provider": "gemini", "model": "gm-text", "prices": PRICES},
             {"name": "gemini-tools", "provider": "gemini", "model": "gm-tools", "prices": PRICES},
         ],
     )
-    process = GatewayProcess(config, workdir).start()
-    yield process
-    process.stop()
-
-
-def client(gw: GatewayProcess) -> OpenAI:
-    return OpenAI(base_url=f"{gw.url}/api", api_key=KEY, max_retries=0)
 
 
 def raw_post(gw: GatewayProcess, body: dict[str, Any]) -> tuple[httpx.Response, bytes]:

@@ -18,14 +18,14 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from openai import OpenAI
 
 from proxy.call import Target
 from proxy.providers.google_auth import InvalidServiceAccount, RSAPrivateKey, ServiceAccount, TokenCache
 from proxy.providers.vertex import VertexAI, VertexBase
 from proxy.settings import ConfigError, Provider, Timeouts
 from proxy.upstream import UpstreamClient
-from tests.conftest import KEY, GatewayProcess, base_config
+from tests.conftest import GatewayProcess, base_config, module_gateway
+from tests.conftest import openai_client as client
 from tests.mock_anthropic import TEXT as CLAUDE_TEXT
 from tests.mock_gemini import ANSWER as GEMINI_TEXT
 from tests.mock_vertex import MockVertex, rs256_valid
@@ -114,15 +114,8 @@ def vertex_env(mock: MockVertex, keys: dict[str, Keypair]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def gw(vertex_mock, keys, mock_upstream, tmp_path_factory) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("vertex-gateway")
-    process = GatewayProcess(vertex_config(vertex_mock, mock_upstream, workdir), workdir,
-                             env=vertex_env(vertex_mock, keys)).start()
-    yield process
-    process.stop()
-
-
-def client(gw: GatewayProcess) -> OpenAI:
-    return OpenAI(base_url=f"{gw.url}/api", api_key=KEY, max_retries=0)
+    yield from module_gateway(tmp_path_factory, "vertex-gateway", env=vertex_env(vertex_mock, keys),
+                              config=lambda workdir: vertex_config(vertex_mock, mock_upstream, workdir))
 
 
 def bearer(request: dict[str, Any]) -> str:

@@ -9,15 +9,10 @@ import httpx
 import openai
 import orjson
 import pytest
-from openai import OpenAI
 
-from proxy.call import Call, Target
-from proxy.params import EMPTY
-from proxy.providers.azure import AzureOpenAI
-from proxy.settings import Provider, Timeouts
 from proxy.sse_responses import ResponsesStreamTap
-from proxy.upstream import UpstreamClient
-from tests.conftest import KEY, GatewayProcess, base_config
+from tests.conftest import KEY, GatewayProcess, azure_url, module_gateway
+from tests.conftest import openai_client as client
 from tests.mock_upstream import RESPONSES_USAGE, WORDS, MockUpstream
 
 PRICES = {"input": 2.0, "output": 8.0, "cached_input": 0.5}
@@ -32,10 +27,9 @@ def expected_cost() -> float:
 
 @pytest.fixture(scope="module")
 def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("responses")
     root = mock_upstream.root_url
-    config = base_config(
-        mock_upstream, workdir,
+    yield from module_gateway(
+        tmp_path_factory, "responses", mock_upstream,
         pipeline=["auth", "routing", "credentials", "fallback"],
         models=[
             {"name": "resp", "provider": "mock", "model": "mock-resp", "prices": PRICES},
@@ -45,19 +39,12 @@ def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) ->
             {"name": "resp-azure", "provider": "azure", "model": "resp-deployment", "prices": PRICES},
             {"name": "claude-resp", "provider": "anthropic", "model": "claude-x"},
         ],
+        extra_providers=[
+            {"id": "azure", "protocol": "azure", "base_url": root, "api_key": "az-key",
+             "api_version": "2025-04-01-preview"},
+            {"id": "anthropic", "protocol": "anthropic", "base_url": root, "api_key": "an-key"},
+        ],
     )
-    config["providers"] += [
-        {"id": "azure", "protocol": "azure", "base_url": root, "api_key": "az-key",
-         "api_version": "2025-04-01-preview"},
-        {"id": "anthropic", "protocol": "anthropic", "base_url": root, "api_key": "an-key"},
-    ]
-    process = GatewayProcess(config, workdir).start()
-    yield process
-    process.stop()
-
-
-def client(gw: GatewayProcess, prefix: str = "/api") -> OpenAI:
-    return OpenAI(base_url=gw.url + prefix, api_key=KEY, max_retries=0)
 
 
 @pytest.mark.parametrize("prefix", ["/api", "/api/v1", "/v1"])
@@ -179,11 +166,7 @@ def test_azure_url(gw, mock):
 
 
 def _azure_url(base_url: str, api_version: str | None = None) -> str:
-    config = Provider(id="azure", protocol="azure", base_url=base_url, api_key="k", api_version=api_version)
-    az = AzureOpenAI(config, Timeouts(), UpstreamClient())
-    call = Call(endpoint="responses", path="/api/responses", body={"model": "m", "input": "a"}, params=EMPTY,
-                headers={})
-    return az.url(call, Target(provider="azure", protocol="azure", model="dep", base_url=base_url))
+    return azure_url("responses", base_url, api_version)
 
 
 def test_azure_url_shapes():

@@ -8,17 +8,13 @@ import httpx
 import openai
 import orjson
 import pytest
-from openai import OpenAI
 
-from tests.conftest import KEY
+from tests.conftest import KEY, add_tool_call_deltas
+from tests.conftest import openai_client as client
 from tests.mock_upstream import USAGE, WORDS, chunk
 
 ANSWER = "".join(WORDS)
 HI = [{"role": "user", "content": "hi"}]
-
-
-def client(gateway) -> OpenAI:
-    return OpenAI(base_url=f"{gateway.url}/api", api_key=KEY, max_retries=0)
 
 
 def raw_stream(gateway, body: dict[str, Any]) -> tuple[httpx.Response, bytes]:
@@ -149,14 +145,7 @@ def test_stream_tool_calls(gateway, mock):
     for c in stream.parse():
         assert c.usage is None
         for choice in c.choices:
-            for delta in choice.delta.tool_calls or ():
-                slot = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
-                if delta.id:
-                    slot["id"] = delta.id
-                if delta.function and delta.function.name:
-                    slot["name"] += delta.function.name
-                if delta.function and delta.function.arguments:
-                    slot["arguments"] += delta.function.arguments
+            add_tool_call_deltas(calls, choice.delta.tool_calls)
             finish = choice.finish_reason or finish
     assert finish == "tool_calls"
     assert calls == {0: {"id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'}}
