@@ -4,9 +4,16 @@ Resolution order for a requested `model`:
 1. a configured model name or alias (config `models`), or an entry of config `aliases`
    (which names a model, another alias, or a provider/model slug);
 2. a `provider/model` slug whose provider is configured (id or catalog alias);
-3. a bare catalog model name served by a configured provider (catalog order);
+3. a bare catalog model name served by a configured provider (catalog order); a Claude name in
+   any provider's spelling (claude-sonnet-4-5-20250929, claude-sonnet-4-5@20250929,
+   us.anthropic.claude-sonnet-4-5-20250929-v1:0) is served by the first configured provider of
+   Claude (anthropic, vertex_ai or bedrock protocol, in config order), re-spelled for it;
 4. a bare upstream model name that a configured model points at.
 Anything else is 404 "Requested model X is not available in the model list".
+
+A configured provider finds its catalog entries (prices, context windows, model names) by its id,
+or, for a provider of a native protocol with another id (say `id: vertex, protocol: vertex_ai`),
+by its protocol.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Any
 import msgspec
 
 from proxy.call import Prices, Target
-from proxy.catalog import Catalog, ModelSpec
+from proxy.catalog import CLAUDE_NAMING, Catalog, ModelSpec, claude_name
 from proxy.errors import ModelNotFound
 from proxy.settings import ConfigError, Provider, Settings
 from proxy.settings import Prices as PriceConfig
@@ -39,6 +46,13 @@ class ModelTable:
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.catalog = catalog
         self.providers: dict[str, Provider] = {p.id: p for p in settings.providers}
+        self.catalog_ids = {p.id: self._catalog_id(p) for p in settings.providers}
+        # catalog provider id -> the configured provider that serves its models (by id, else by protocol)
+        self.serving: dict[str, Provider] = {}
+        for p in sorted(settings.providers, key=lambda p: p.id != self.catalog_ids[p.id]):
+            if self.catalog_ids[p.id] is not None:
+                self.serving.setdefault(self.catalog_ids[p.id], p)  # type: ignore[arg-type]
+        self.claude_providers = [p for p in settings.providers if self.catalog_ids[p.id] in CLAUDE_NAMING]
         self.named: dict[str, Target] = {}  # configured names and aliases
         self.context_windows = {(m.provider, m.model or m.name): m.context_window for m in settings.models if m.context_window}
         self.upstream_names: dict[str, Target] = {}
@@ -69,8 +83,18 @@ class ModelTable:
         self._resolve(name)
         return name
 
+    def _catalog_id(self, provider: Provider) -> str | None:
+        if provider.id in self.catalog.providers:
+            return provider.id
+        native = provider.protocol != "openai" and provider.protocol in self.catalog.providers
+        return provider.protocol if native else None
+
+    def _catalog_spec(self, provider: str, model: str) -> ModelSpec | None:
+        catalog_id = self.catalog_ids.get(provider)
+        return self.catalog.spec(catalog_id, model) if catalog_id is not None else None
+
     def _catalog_prices(self, provider: str, model: str) -> Prices | None:
-        spec = self.catalog.models.get(f"{provider}/{model}")
+        spec = self._catalog_spec(provider, model)
         return spec_prices(spec) if spec else None
 
     def _target(self, provider: Provider, model: str, prices: Prices | None) -> Target:
@@ -92,15 +116,15 @@ class ModelTable:
         )
 
     def _catalog_window(self, provider: str, model: str) -> int | None:
-        spec = self.catalog.models.get(f"{provider}/{model}")
+        spec = self._catalog_spec(provider, model)
         return spec.context_window if spec else None
 
     def provider_id(self, name: str) -> str | None:
-        """A configured provider's id from its id or a catalog alias."""
+        """A configured provider's id from its id, or a catalog id or alias it serves."""
         if name in self.providers:
             return name
         spec = self.catalog.provider(name)
-        return spec.id if spec is not None and spec.id in self.providers else None
+        return self.serving[spec.id].id if spec is not None and spec.id in self.serving else None
 
     def resolve(self, requested: str) -> Target:
         """The Target for a requested model. Targets are shared: copy with msgspec.structs.replace to change one."""
@@ -118,7 +142,9 @@ class ModelTable:
         if provider_id == target.provider:
             return target
         provider = self.providers[provider_id]
-        pinned = self._target(provider, target.model, self._catalog_prices(provider_id, target.model) or target.prices)
+        catalog_id = self.catalog_ids[provider_id]
+        model = self.catalog.model_on(catalog_id, target.model) if catalog_id is not None else target.model
+        pinned = self._target(provider, model, self._catalog_prices(provider_id, model) or target.prices)
         return msgspec.structs.replace(pinned, requested=target.requested)
 
     def _resolve(self, requested: str) -> Target:
@@ -135,10 +161,15 @@ class ModelTable:
                 prices = configured.prices if configured is not None and configured.provider == provider_id else None
                 return self._target(provider, rest, prices or self._catalog_prices(provider_id, rest))
         for spec in self.catalog.by_name.get(requested, ()):
-            if spec.provider in self.providers:
-                return self._target(self.providers[spec.provider], requested, spec_prices(spec))
+            if spec.provider in self.serving:
+                return self._target(self.serving[spec.provider], requested, spec_prices(spec))
         if target := self.upstream_names.get(requested):
             return target
+        if self.claude_providers and claude_name(requested) is not None:
+            provider = self.claude_providers[0]
+            model = self.catalog.model_on(self.catalog_ids[provider.id], requested)  # type: ignore[arg-type]
+            if self._catalog_spec(provider.id, model) is not None:  # a Claude model the catalog knows
+                return self._target(provider, model, self._catalog_prices(provider.id, model))
         raise ModelNotFound(requested)
 
     def public_models(self) -> list[dict[str, Any]]:
@@ -149,9 +180,9 @@ class ModelTable:
         for alias in self.aliases:
             out[alias] = self._describe(alias, self.resolve(alias))
         for key, spec in self.catalog.models.items():
-            if spec.provider in self.providers and key not in out:
+            if spec.provider in self.serving and key not in out:
                 out[key] = self._describe(key, self._target(
-                    self.providers[spec.provider], spec.name, spec_prices(spec)
+                    self.serving[spec.provider], spec.name, spec_prices(spec)
                 ), spec.context_window)
         return list(out.values())
 

@@ -4,7 +4,7 @@ from importlib import resources
 import pytest
 import yaml
 
-from proxy.catalog import Catalog, ModelSpec, ProviderSpec, load_catalog
+from proxy.catalog import Catalog, ModelSpec, ProviderSpec, claude_name, load_catalog
 from proxy.providers import PROTOCOLS
 from proxy.settings import ENVIRONMENT_PROTOCOLS
 
@@ -143,3 +143,41 @@ def test_provider_lookup_by_alias(catalog: Catalog) -> None:
     assert catalog.provider("google").id == "gemini"
     assert catalog.provider("openai").id == "openai"
     assert catalog.provider("nope") is None
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("claude-sonnet-4-5-20250929", ("claude-sonnet-4-5", "20250929")),
+    ("claude-sonnet-4-5", ("claude-sonnet-4-5", None)),
+    ("claude-sonnet-4-5@20250929", ("claude-sonnet-4-5", "20250929")),
+    ("anthropic.claude-haiku-4-5-20251001-v1:0", ("claude-haiku-4-5", "20251001")),
+    ("eu.anthropic.claude-opus-4-1-20250805-v1:0", ("claude-opus-4-1", "20250805")),
+    ("gpt-4o", None),
+    ("gemini-2.5-pro", None),
+])
+def test_claude_names_in_every_spelling(name, expected) -> None:
+    assert claude_name(name) == expected
+
+
+@pytest.mark.parametrize(("name", "anthropic", "vertex", "bedrock"), [
+    ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5-20250929", "claude-sonnet-4-5@20250929",
+     "us.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+    # undated: the provider's listed version
+    ("claude-haiku-4-5", "claude-haiku-4-5", "claude-haiku-4-5@20251001", "us.anthropic.claude-haiku-4-5-20251001-v1:0"),
+    ("anthropic.claude-opus-4-1-20250805-v1:0", "claude-opus-4-1-20250805", "claude-opus-4-1@20250805",
+     "anthropic.claude-opus-4-1-20250805-v1:0"),
+    # dated but not in the catalog: spelled by each provider's rule
+    ("claude-future-9-20300101", "claude-future-9-20300101", "claude-future-9@20300101",
+     "anthropic.claude-future-9-20300101-v1:0"),
+    # neither dated nor known: kept as it is
+    ("claude-local-test", "claude-local-test", "claude-local-test", "claude-local-test"),
+    ("gemini-2.5-flash", "gemini-2.5-flash", "gemini-2.5-flash", "gemini-2.5-flash"),
+])
+def test_model_on_respells_claude(catalog: Catalog, name, anthropic, vertex, bedrock) -> None:
+    assert [catalog.model_on(p, name) for p in ("anthropic", "vertex_ai", "bedrock")] == [anthropic, vertex, bedrock]
+
+
+def test_spec_finds_claude_in_another_spelling(catalog: Catalog) -> None:
+    assert catalog.spec("anthropic", "claude-sonnet-4-5-20250929").name == "claude-sonnet-4-5"
+    assert catalog.spec("vertex_ai", "claude-sonnet-4-5").name == "claude-sonnet-4-5@20250929"
+    assert catalog.spec("anthropic", "claude-local-test") is None
+    assert catalog.spec("openai", "gpt-4o").input == 2.5

@@ -159,3 +159,48 @@ def test_environment_does_not_enable_vertex_or_bedrock() -> None:
     ids = {p.id for p in settings.providers}
     assert "anthropic" in ids
     assert not {"vertex_ai", "bedrock"} & ids
+
+
+def claude_table(providers: list[dict[str, Any]]) -> ModelTable:
+    raw = {"providers": providers, "auto_providers": False}
+    return ModelTable(parse_settings(raw, "<test>", env={}), load_catalog())
+
+
+VERTEX = {"id": "vertex", "protocol": "vertex_ai", "base_url": "https://aiplatform.googleapis.com", "api_key": "{}"}
+BEDROCK = {"id": "aws", "protocol": "bedrock", "base_url": "http://127.0.0.1:9", "api_key": "a:b"}
+
+
+def test_claude_names_resolve_on_the_first_claude_provider() -> None:
+    """Claude Code sends Anthropic's names; a gateway with only Vertex AI (or Bedrock) serves them."""
+    models = claude_table([VERTEX, BEDROCK])
+    for name in ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5", "claude-sonnet-4-5@20250929"):
+        target = models.resolve(name)
+        assert (target.provider, target.model) == ("vertex", "claude-sonnet-4-5@20250929"), name
+        assert target.prices == Prices(3.0, 15.0, 0.3, 3.75) and target.context_window == 200000
+    # a Bedrock id names its provider: it stays on Bedrock
+    bedrock_id = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+    assert (models.resolve(bedrock_id).provider, models.resolve(bedrock_id).model) == ("aws", bedrock_id)
+    models = claude_table([BEDROCK, VERTEX])
+    target = models.resolve("claude-haiku-4-5-20251001")
+    assert (target.provider, target.model) == ("aws", "us.anthropic.claude-haiku-4-5-20251001-v1:0")
+    assert target.prices == Prices(1.0, 5.0, 0.1, 1.25)
+
+
+def test_providers_with_their_own_ids_use_the_catalog_of_their_protocol() -> None:
+    models = claude_table([VERTEX, BEDROCK])
+    assert models.resolve("gemini-2.5-pro").provider == "vertex"  # a bare catalog name of vertex_ai
+    assert models.resolve("vertex_ai/gemini-2.5-pro").prices == Prices(1.25, 10.0, 0.125)  # the catalog id as prefix
+    assert models.resolve("aws/amazon.nova-pro-v1:0").prices == Prices(0.8, 3.2, 0.2)
+    with pytest.raises(Exception, match="not available"):
+        models.resolve("claude-local-test")  # a Claude-looking name the catalog does not know
+
+
+def test_route_header_respells_claude_for_the_provider() -> None:
+    models = claude_table([{"id": "anthropic", "protocol": "anthropic", "base_url": "http://127.0.0.1:9",
+                            "api_key": "k"}, VERTEX, BEDROCK])
+    primary = models.resolve("claude-sonnet-4-5-20250929")
+    assert (primary.provider, primary.model) == ("anthropic", "claude-sonnet-4-5-20250929")
+    assert primary.prices == Prices(3.0, 15.0, 0.3, 3.75)  # the undated catalog entry's prices
+    on_vertex = models.on_provider(primary, "vertex")
+    assert on_vertex.model == "claude-sonnet-4-5@20250929" and on_vertex.requested == "claude-sonnet-4-5-20250929"
+    assert models.on_provider(primary, "aws").model == "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
