@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.endpoints import anthropic, chat, embeddings, health, models, responses
+from proxy.endpoints import anthropic, chat, embeddings, gemini, health, models, responses
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
 from proxy.settings import Settings, load_settings
@@ -25,16 +25,22 @@ CONFIG_ENV = "LLMRELAY_CONFIG"  # the CLI passes the config path to granian work
 
 
 class App:
-    """The ASGI app: the hot POST routes go straight to their handlers; the rest to Starlette."""
+    """The ASGI app: the API's POST routes go straight to their handlers (exact paths first, then
+    path prefixes such as the Gemini passthrough's); the rest to Starlette."""
 
-    def __init__(self, gateway: Gateway, starlette: Starlette, fast_routes: dict[str, ASGIApp]) -> None:
+    def __init__(self, gateway: Gateway, starlette: Starlette, fast_routes: dict[str, ASGIApp],
+                 prefix_routes: dict[str, ASGIApp] | None = None) -> None:
         self.gateway = gateway
         self.starlette = starlette
         self.fast_routes = fast_routes
+        self.prefix_routes = tuple((prefix_routes or {}).items())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            handler = self.fast_routes.get(scope["path"])
+            path = scope["path"]
+            handler = self.fast_routes.get(path)
+            if handler is None:
+                handler = next((app for prefix, app in self.prefix_routes if path.startswith(prefix)), None)
             if handler is not None:
                 await handler(scope, receive, send)
                 return
@@ -68,13 +74,15 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
     fast_routes.update({path: anthropic_app for path in anthropic.PATHS})
     responses_app = responses.Responses(gateway)
     fast_routes.update({path: responses_app for path in responses.PATHS})
+    prefix_routes: dict[str, ASGIApp] = {gemini.PREFIX: gemini.GeminiPassthrough(gateway)}
     post_routes = [Route(path, handler, methods=["POST"]) for path, handler in fast_routes.items()]
+    post_routes += [Route(prefix + "{rest:path}", handler, methods=["POST"]) for prefix, handler in prefix_routes.items()]
     starlette = Starlette(
         routes=[*post_routes, *models.routes(gateway), *health.routes(gateway)],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
     )
-    return App(gateway, starlette, fast_routes)
+    return App(gateway, starlette, fast_routes, prefix_routes)
 
 
 def watch_shutdown_signals(gateway: Gateway) -> None:

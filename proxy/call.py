@@ -122,6 +122,7 @@ class Call:
         "request_id",
         "endpoint",
         "path",
+        "query",
         "client_format",
         "body",
         "params",
@@ -160,11 +161,13 @@ class Call:
         headers: Mapping[str, str],
         client_ip: str | None = None,
         client_format: str = "openai",
+        query: str = "",
     ) -> None:
         self.id = new_id()  # unique_id of the log, sent back as x-respan-log-id
         self.request_id = new_id()  # x-respan-gateway-request-id
         self.endpoint = endpoint
         self.path = path
+        self.query = query  # the URL's query string, undecoded
         self.client_format = client_format
         self.body = body  # provider params only: gateway params are already split off
         self.params = params

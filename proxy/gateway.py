@@ -29,6 +29,8 @@ from proxy.providers import build_adapters
 from proxy.settings import Settings
 from proxy.sse import ChatStreamTap, NativeStreamTap
 from proxy.sse_anthropic import AnthropicStreamTap, anthropic_usage, completion_message
+from proxy.sse_gemini import GeminiStreamTap, gemini_usage
+from proxy.sse_gemini import completion_messages as gemini_completion
 from proxy.sse_responses import ResponsesStreamTap, output_message, responses_usage
 from proxy.state.cooldowns import Cooldowns
 from proxy.upstream import UpstreamClient, UpstreamStreamError
@@ -39,6 +41,8 @@ STREAM_CUT_AT_SHUTDOWN = "the gateway shut down before the stream finished"
 CHAT_ONLY = frozenset({"chat"})
 STREAM_DONE = "stream_done"  # call.state key: the relayed piece just yielded completes the answer
 USAGE_ESTIMATED = "usage estimated: the stream ended before the provider reported usage"
+USAGE_ESTIMATED_INPUT = "usage estimated from the input: the provider reported none"
+COUNT_TOKENS = frozenset({"anthropic.count_tokens", "gemini.countTokens"})  # endpoints that cost nothing
 
 
 class Gateway:
@@ -172,6 +176,9 @@ class Gateway:
         if call.client_format == "responses":
             self._account_responses(call, data)
             return
+        if call.client_format == "gemini":
+            self._account_gemini(call, data)
+            return
         call.usage = Usage.from_openai(data.get("usage"))
         if isinstance(data.get("model"), str):
             call.response_model = data["model"]
@@ -201,8 +208,26 @@ class Gateway:
         if not call.params.disable_log:
             call.completion = [output_message(data.get("output"))]
 
+    def _account_gemini(self, call: Call, data: dict[str, Any]) -> None:
+        """A native Gemini answer: a GenerateContentResponse, countTokens' {"totalTokens": N}, or
+        embeddings (whose usage, when the answer has none, is estimated from the input)."""
+        if call.endpoint == "gemini.countTokens":
+            tokens = data.get("totalTokens")
+            call.usage = Usage(prompt_tokens=tokens if isinstance(tokens, int) and tokens > 0 else 0)
+            return
+        call.usage = gemini_usage(data.get("usageMetadata"))
+        if call.endpoint in ("gemini.embedContent", "gemini.batchEmbedContents"):
+            if not call.usage.prompt_tokens:
+                call.usage = Usage(prompt_tokens=estimate.prompt_tokens(call.body))
+                call.warnings.append(USAGE_ESTIMATED_INPUT)
+            return
+        if isinstance(data.get("modelVersion"), str):
+            call.response_model = data["modelVersion"]
+        if not call.params.disable_log:
+            call.completion = gemini_completion(data)
+
     def account_cost(self, call: Call) -> None:
-        if call.endpoint == "anthropic.count_tokens":
+        if call.endpoint in COUNT_TOKENS:
             return  # counting tokens costs nothing
         target = call.target
         if target is not None and target.prices is not None:
@@ -250,13 +275,15 @@ class Gateway:
 
     def relay(self, call: Call, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """The relay for the Call's client format: OpenAI chat SSE (ChatStreamTap), or a native
-        Anthropic stream passed through byte for byte (AnthropicStreamTap), or a native Responses
-        API stream, likewise (ResponsesStreamTap)."""
+        stream passed through byte for byte: Anthropic (AnthropicStreamTap), Responses API
+        (ResponsesStreamTap), Gemini (GeminiStreamTap)."""
         keep_content = not call.params.disable_log
         if call.client_format == "anthropic":
             return self._relay(call, stream, AnthropicStreamTap(keep_content=keep_content))
         if call.client_format == "responses":
             return self._relay(call, stream, ResponsesStreamTap(keep_content=keep_content))
+        if call.client_format == "gemini":
+            return self._relay(call, stream, GeminiStreamTap(keep_content=keep_content))
         return self._relay(call, stream, ChatStreamTap(hide_usage_chunk=not call.client_wants_usage,
                                                        keep_content=keep_content))
 
@@ -267,7 +294,8 @@ class Gateway:
         OpenAI chat SSE goes through a ChatStreamTap (which may hide the usage chunk; with a
         request breakdown, the breakdown chunk goes before [DONE]). A native (passthrough) stream
         goes unchanged; complete means the format's closing event seen (Anthropic message_stop;
-        Responses response.completed / incomplete / failed), and nothing else is ever added.
+        Responses response.completed / incomplete / failed; Gemini: a finishReason), and nothing
+        else is ever added.
 
         A provider that breaks after the first byte ends the client's stream with an `error`
         event in the client's format, never a clean close. A client that leaves closes the

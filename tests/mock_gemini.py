@@ -1,7 +1,10 @@
 """A scriptable Gemini API (generateContent / streamGenerateContent?alt=sse) on loopback, for tests.
 
 A tests.mock_server.MockServer (aiohttp on its own event loop in a background thread). It
-serves `POST /v1beta/models/{model}:{method}`; the model name picks the behaviour:
+serves `POST /{v1,v1beta}/models/{model}:{method}`: generateContent, streamGenerateContent,
+countTokens ({"totalTokens": COUNT_TOKENS}), embedContent and batchEmbedContents (EMBEDDING
+values, no usage; batchEmbedContents checks that every request names the URL's model). The model
+name picks the behaviour of the generate methods:
 
   gm-text (and any other name)  a text answer (WORDS), one candidate per candidateCount; streamed
                                 one word per event, finishReason and final usage on the last one
@@ -38,6 +41,8 @@ ANSWER = "".join(WORDS)
 USAGE = {"promptTokenCount": 12, "candidatesTokenCount": 6, "totalTokenCount": 18, "cachedContentTokenCount": 4}
 THINKING_USAGE = {"promptTokenCount": 9, "candidatesTokenCount": 5, "thoughtsTokenCount": 10, "totalTokenCount": 24}
 THOUGHT = "Let me think about this."
+COUNT_TOKENS = 21
+EMBEDDING = [0.25, -0.5, 0.125]
 TOOL_CALLS = [
     {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "c2lnLWFiYw=="},
     {"functionCall": {"name": "get_time", "args": {"tz": "CET"}}},
@@ -81,6 +86,7 @@ class MockGemini(MockServer):
 
     def routes(self, router: web.UrlDispatcher) -> None:
         router.add_post("/v1beta/models/{name}", self.handle)
+        router.add_post("/v1/models/{name}", self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         model, _, method = request.match_info["name"].partition(":")
@@ -96,6 +102,15 @@ class MockGemini(MockServer):
                 status=400)
         if model == "gm-not-json":
             return web.Response(text="<html>oops</html>", content_type="text/html")
+        if method == "countTokens":
+            return web.json_response({"totalTokens": COUNT_TOKENS})
+        if method == "embedContent":
+            return web.json_response({"embedding": {"values": EMBEDDING}})
+        if method == "batchEmbedContents":
+            requests = body.get("requests") or []
+            if any(r.get("model") != f"models/{model}" for r in requests):
+                return web.json_response(error_json(400, "every request must name the model of the URL"), status=400)
+            return web.json_response({"embeddings": [{"values": EMBEDDING} for _ in requests]})
         if method == "streamGenerateContent":
             if request.query.get("alt") != "sse":
                 return web.json_response([error_json(400, "the mock only streams with alt=sse")], status=400)

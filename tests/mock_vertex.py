@@ -12,7 +12,9 @@ A tests.mock_server.MockServer (aiohttp on its own event loop in a background th
                   generateContent / streamGenerateContent?alt=sse: a Gemini text answer (mock_gemini's)
   POST /v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model}:{method}
                   rawPredict / streamRawPredict: a Claude text answer; the body must carry
-                  anthropic_version vertex-2023-10-16 and no model
+                  anthropic_version vertex-2023-10-16 and no model. Model `count-tokens`
+                  (rawPredict, the model named in the body) answers {"input_tokens": COUNT_TOKENS}.
+                  The google publisher also answers countTokens.
 
 The publisher routes answer 401 (Google's UNAUTHENTICATED) unless `Authorization: Bearer <token>`
 holds a token this mock issued. Every publisher request is recorded in `requests`, every token
@@ -36,6 +38,7 @@ from tests.mock_server import MockServer
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+COUNT_TOKENS = 17  # count-tokens:rawPredict's answer
 SHA256_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
 
 
@@ -150,6 +153,8 @@ class MockVertex(MockServer):
                                      status=401)
         if not isinstance(body, dict) or not body.get("contents"):
             return web.json_response(mock_gemini.error_json(400, "contents is required"), status=400)
+        if method == "countTokens":
+            return web.json_response({"totalTokens": mock_gemini.COUNT_TOKENS, "totalBillableCharacters": 40})
         if method == "generateContent":
             answer = mock_gemini.answer(model, [mock_gemini.candidate([{"text": mock_gemini.ANSWER}], "STOP")],
                                         mock_gemini.USAGE)
@@ -166,6 +171,11 @@ class MockVertex(MockServer):
         if not self._authorized(request):
             return web.json_response(mock_gemini.error_json(401, "Request had invalid authentication credentials."),
                                      status=401)
+        if model == "count-tokens":  # one endpoint for every model: the model is in the body
+            if method != "rawPredict" or not isinstance(body, dict) or not body.get("model") or not body.get("messages"):
+                return web.json_response(mock_anthropic.error_body(
+                    "invalid_request_error", "count-tokens takes rawPredict with model and messages"), status=400)
+            return web.json_response({"input_tokens": COUNT_TOKENS})
         problem = None
         if not isinstance(body, dict) or body.get("anthropic_version") != "vertex-2023-10-16":
             problem = "anthropic_version: must be vertex-2023-10-16"

@@ -19,8 +19,9 @@ from proxy.params import EMPTY
 from proxy.sse_anthropic import AnthropicStreamTap
 from tests.conftest import KEY, GatewayProcess, module_gateway, server_fixtures
 from tests.mock_anthropic import TEXT, TOOLS, MockAnthropic
+from tests.mock_vertex import COUNT_TOKENS as VERTEX_COUNT_TOKENS
 from tests.mock_vertex import MockVertex
-from tests.test_provider_vertex import GATEWAY_EMAIL, Keypair, vertex_env
+from tests.test_provider_vertex import serving_vertex
 
 PRICES = {"input": 3.0, "output": 15.0, "cached_input": 0.3}
 COST = (12 * 3.0 + 6 * 15.0) / 1e6  # mock_anthropic.USAGE: 12 input, 6 output
@@ -32,12 +33,7 @@ amock, mock = server_fixtures(MockAnthropic, "amock", "mock")
 
 @pytest.fixture(scope="module")
 def vmock(tmp_path_factory) -> Iterator[tuple[MockVertex, dict[str, str]]]:
-    mock = MockVertex().start()
-    keypair = Keypair(tmp_path_factory.mktemp("vertex-keys"), "gateway")
-    mock.add_account(GATEWAY_EMAIL, keypair.n, keypair.e)
-    env = vertex_env(mock, {"gateway": keypair, "rogue": keypair})
-    yield mock, env
-    mock.stop()
+    yield from serving_vertex(tmp_path_factory.mktemp("vertex-keys"))
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +224,29 @@ def test_route_provider_vertex(gw, mock, vmock):
     assert not mock.requests
     rows = gw.records(count=1, where="customer_identifier = ?", args=("vx",))
     assert rows[-1]["provider_id"] == "vertex" and rows[-1]["cost"] > 0
+
+
+def test_claude_names_are_respelled_per_provider(gw, mock, vmock):
+    """Claude Code sends Anthropic's names; on Vertex AI the same model is `claude-...@date`."""
+    vertex, _ = vmock
+    vertex.reset()
+    dated = "claude-sonnet-4-5-20250929"
+    raw = client(gw).messages.with_raw_response.create(model=dated, max_tokens=10, messages=HI)
+    assert mock.last()["body"]["model"] == dated  # a catalog model with its dated name, straight to Anthropic
+    assert gw.record(raw.headers["x-respan-log-id"])["cost"] == pytest.approx(COST)  # the catalog's 3 / 15 prices
+    c = client(gw, default_headers={"X-Respan-Route-Provider": "vertex_ai"})
+    raw = c.messages.with_raw_response.create(model=dated, max_tokens=10, messages=HI)
+    assert vertex.requests[-1]["model"] == "claude-sonnet-4-5@20250929"
+    record = gw.record(raw.headers["x-respan-log-id"])
+    assert record["provider_id"] == "vertex" and record["cost"] == pytest.approx(COST)
+    raw = c.messages.with_raw_response.count_tokens(model="claude-sonnet-4-5", messages=HI)
+    assert raw.parse().input_tokens == VERTEX_COUNT_TOKENS
+    sent = vertex.requests[-1]
+    assert (sent["model"], sent["method"]) == ("count-tokens", "rawPredict")
+    assert sent["body"]["model"] == "claude-sonnet-4-5@20250929" and "metadata" not in sent["body"]
+    record = gw.record(raw.headers["x-respan-log-id"])
+    assert record["log_type"] == "count_tokens" and record["prompt_tokens"] == VERTEX_COUNT_TOKENS
+    assert record["cost"] == 0
 
 
 def test_header_params_and_extra_headers(gw, mock):

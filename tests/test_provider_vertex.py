@@ -112,6 +112,16 @@ def vertex_env(mock: MockVertex, keys: dict[str, Keypair]) -> dict[str, str]:
     return {"VERTEX_SA_JSON": orjson.dumps(good).decode(), "VERTEX_BAD_SA_JSON": orjson.dumps(bad).decode()}
 
 
+def serving_vertex(directory: Path) -> Iterator[tuple[MockVertex, dict[str, str]]]:
+    """For another module's fixture: a running mock that knows the gateway's service account, and
+    the environment (VERTEX_SA_JSON) a gateway needs to use it."""
+    mock = MockVertex().start()
+    keypair = Keypair(directory, "gateway")
+    mock.add_account(GATEWAY_EMAIL, keypair.n, keypair.e)
+    yield mock, vertex_env(mock, {"gateway": keypair, "rogue": keypair})
+    mock.stop()
+
+
 @pytest.fixture(scope="module")
 def gw(vertex_mock, keys, mock_upstream, tmp_path_factory) -> Iterator[GatewayProcess]:
     yield from module_gateway(tmp_path_factory, "vertex-gateway", env=vertex_env(vertex_mock, keys),

@@ -8,6 +8,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -44,8 +45,10 @@ class Endpoint(abc.ABC):
         headers = request_headers(scope)
         client = scope.get("client")
         path = scope["path"]
+        query = scope.get("query_string")
         call = Call(endpoint=self.endpoint_for(path), path=path, body={}, params=EMPTY, headers=headers,
-                    client_ip=client[0] if client else None, client_format=self.client_format)
+                    client_ip=client[0] if client else None, client_format=self.client_format,
+                    query=query.decode("latin-1") if query else "")
         try:
             self.read_call(call, await read_body(headers, receive, self.limit))
         except GatewayError as exc:
@@ -80,12 +83,17 @@ class Endpoint(abc.ABC):
     def shutdown_event() -> bytes:
         return error_event(STREAM_CUT_AT_SHUTDOWN, type="shutdown", code=503)
 
+    def relay(self, call: Call, reply: Reply) -> tuple[AsyncIterator[bytes], str]:
+        """The bytes of a streamed reply and their content type (a hook: the Gemini passthrough
+        turns SSE into a streamed JSON array for clients that did not ask for SSE)."""
+        assert reply.stream is not None
+        return self.gateway.relay(call, reply.stream), "text/event-stream"
+
     async def send_stream(self, call: Call, reply: Reply, receive: Receive, send: Send) -> None:
         """Relay chunk by chunk. A client that leaves cancels the relay at once, wherever it waits."""
-        assert reply.stream is not None
-        raw = raw_headers(self.gateway.response_headers(call, reply), "text/event-stream")
+        relay, media_type = self.relay(call, reply)
+        raw = raw_headers(self.gateway.response_headers(call, reply), media_type)
         raw.extend(STREAM_HEADERS)
-        relay = self.gateway.relay(call, reply.stream)
         task = asyncio.current_task()
         disconnected = False
 

@@ -9,9 +9,14 @@ import orjson
 
 from proxy.call import Call
 from proxy.logs.record import LogRecord
+from proxy.sse_gemini import prompt_messages as gemini_prompt_messages
 
+# Call.endpoint -> log_type (spec 2.3)
 LOG_TYPES = {"chat": "chat", "embeddings": "embedding", "anthropic.messages": "chat",
-             "anthropic.count_tokens": "count_tokens", "responses": "response"}  # Call.endpoint -> log_type (spec 2.5)
+             "anthropic.count_tokens": "count_tokens", "responses": "response",
+             "gemini.generateContent": "chat", "gemini.streamGenerateContent": "chat",
+             "gemini.countTokens": "count_tokens", "gemini.embedContent": "embedding",
+             "gemini.batchEmbedContents": "embedding"}
 
 
 def _tokens_per_second(call: Call, latency: float) -> float | None:
@@ -79,7 +84,7 @@ def record_for(call: Call) -> LogRecord:
         max_tokens=_int(call.body.get("max_tokens") or call.body.get("max_completion_tokens")
                         or call.body.get("max_output_tokens")),
     )
-    if not params.disable_log and call.endpoint == "embeddings":
+    if not params.disable_log and record.log_type == "embedding":
         # The prompt is the `input`, logged in full_request (the provider params: model, input,
         # encoding_format, dimensions, user); there are no messages. The vectors are never
         # stored: account_body keeps only the usage of an embeddings answer.
@@ -91,6 +96,8 @@ def record_for(call: Call) -> LogRecord:
             record.prompt_messages = _responses_prompt(body)
         if call.client_format == "anthropic" and record.prompt_messages is not None and body.get("system"):
             record.prompt_messages = [{"role": "system", "content": body["system"]}, *record.prompt_messages]
+        elif call.client_format == "gemini":
+            record.prompt_messages = gemini_prompt_messages(body)
         record.tools = body.get("tools") if isinstance(body.get("tools"), list) else None
         completion: Any = call.completion
         if isinstance(completion, list):

@@ -74,6 +74,13 @@ Response translation (Gemini -> OpenAI `chat.completion`):
   with the same HTTP status and the pass-through headers (retry-after, ...). A prompt longer than
   the model's window ("input token count ... exceeds the maximum") gets code
   `context_length_exceeded`, so `fallback_on_context_length` works for Gemini too.
+
+The native passthrough (client_format "gemini", Call.endpoint "gemini.<method>", from
+/api/google/gemini): generateContent, streamGenerateContent (always `alt=sse` upstream),
+countTokens, embedContent and batchEmbedContents go to `{base}/models/{model}:{method}` with the
+client's body as it is, except that a `model` named inside it (batchEmbedContents' requests,
+countTokens' generateContentRequest) becomes the routed upstream model. Answers come back byte for
+byte; an error body that is not Google's `{"error": {...}}` is wrapped into one.
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ from proxy.errors import BadRequest
 from proxy.providers.common import json_object, post_upstream
 from proxy.settings import Provider, Timeouts
 from proxy.sse import SSEDecoder
+from proxy.sse_gemini import STATUS_NAMES, gemini_error
 from proxy.upstream import UpstreamClient, UpstreamResponse
 
 # -- request: OpenAI chat -> Gemini -------------------------------------------------------
@@ -523,11 +531,6 @@ FINISH_REASONS = {
     "BLOCKLIST": "content_filter", "PROHIBITED_CONTENT": "content_filter", "SPII": "content_filter",
     "IMAGE_SAFETY": "content_filter", "IMAGE_PROHIBITED_CONTENT": "content_filter",
 }
-STATUS_NAMES = {
-    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-    409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "NOT_IMPLEMENTED",
-    503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
-}
 CONTEXT_LENGTH = re.compile(r"input token count.*exceeds the maximum", re.IGNORECASE | re.DOTALL)
 
 
@@ -811,7 +814,66 @@ def model_path(model: str) -> str:
     return "/".join(quote(segment, safe="-._~@") for segment in model.split("/"))
 
 
+# The native passthrough: Call.endpoint "gemini.<method>" -> `models/{model}:<method>` upstream
+NATIVE_METHODS = ("generateContent", "streamGenerateContent", "countTokens", "embedContent", "batchEmbedContents")
+NATIVE_ENDPOINTS = frozenset(f"gemini.{method}" for method in NATIVE_METHODS)
+
+
+def native_body(body: dict[str, Any], model: str, nested_model: str | None) -> dict[str, Any]:
+    """The client's body, with the `model` of nested requests set to `nested_model` (dropped when None)."""
+    requests = body.get("requests")
+    inner = body.get("generateContentRequest")
+    if not isinstance(requests, list) and not isinstance(inner, dict):
+        return body
+    body = dict(body)
+
+    def renamed(request: Any) -> Any:
+        if not isinstance(request, dict) or "model" not in request:
+            return request
+        request = {k: v for k, v in request.items() if k != "model"}
+        if nested_model is not None:
+            request["model"] = nested_model
+        return request
+
+    if isinstance(requests, list):
+        body["requests"] = [renamed(r) for r in requests]
+    if isinstance(inner, dict):
+        body["generateContentRequest"] = renamed(inner)
+    return body
+
+
+def native_error_body(status: int, raw: bytes) -> bytes:
+    """An upstream error for a native Gemini client: Google's own error body as it is, or one in its shape."""
+    try:
+        error = _error_object(orjson.loads(raw)) if raw else None
+    except orjson.JSONDecodeError:
+        error = None
+    if error is not None:
+        return raw
+    message = raw[:500].decode("utf-8", "replace").strip() or f"upstream returned HTTP {status}"
+    return orjson.dumps(gemini_error(status, message))
+
+
+async def send_native(adapter: Any, call: Call, target: Target, url: str, headers: dict[str, str],
+                      body: dict[str, Any]) -> Reply:
+    """POST a native Gemini request; the answer's bytes (whole, or the SSE stream) come back unchanged."""
+    response, raw = await post_upstream(adapter, call, target, url, headers, orjson.dumps(body))
+    reply_headers = response.pass_headers()
+    if raw is None:
+        return Reply(200, stream=response.chunks(), headers=reply_headers, media_type="text/event-stream")
+    if response.status >= 400:
+        return Reply(response.status, body=native_error_body(response.status, raw), headers=reply_headers)
+    return Reply(response.status, body=raw, headers=reply_headers)
+
+
+def native_method(call: Call) -> str:
+    method = call.endpoint.partition(".")[2]
+    return method + "?alt=sse" if call.stream else method
+
+
 class GeminiGenerateContent:
+    endpoints = frozenset({"chat", *NATIVE_ENDPOINTS})
+
     def __init__(self, config: Provider, timeouts: Timeouts, upstream: UpstreamClient) -> None:
         self.config = config
         self.timeouts = config.timeouts or timeouts
@@ -819,11 +881,8 @@ class GeminiGenerateContent:
         self.static_headers = {"Content-Type": "application/json", **config.headers}
 
     def url(self, target: Target, stream: bool) -> str:
-        base = (target.base_url or self.config.base_url).rstrip("/")
-        if not VERSIONED.search(base):
-            base += "/v1beta"
         method = ":streamGenerateContent?alt=sse" if stream else ":generateContent"
-        return f"{base}/{model_path(target.model)}{method}"
+        return f"{self.base(target)}/{model_path(target.model)}{method}"
 
     def request_headers(self, target: Target) -> dict[str, str]:
         own_url = not target.base_url or target.base_url == self.config.base_url
@@ -836,7 +895,15 @@ class GeminiGenerateContent:
             headers.update(target.extra_headers)
         return headers
 
+    def base(self, target: Target) -> str:
+        base = (target.base_url or self.config.base_url).rstrip("/")
+        return base if VERSIONED.search(base) else base + "/v1beta"
+
     async def send(self, call: Call, target: Target) -> Reply:
+        if call.client_format == "gemini":
+            url = f"{self.base(target)}/{model_path(target.model)}:{native_method(call)}"
+            body = native_body(call.body, target.model, model_path(target.model))
+            return await send_native(self, call, target, url, self.request_headers(target), body)
         body = orjson.dumps(to_gemini(call.body))  # a malformed request is the gateway's 400, before any I/O
         response, raw = await post_upstream(self, call, target, self.url(target, call.stream),
                                             self.request_headers(target), body)

@@ -10,6 +10,13 @@ The model picks the wire format (the translation is the Gemini and Anthropic ada
 - any other model -> Gemini on `.../publishers/google/models/{model}:generateContent` (streams:
   `:streamGenerateContent?alt=sse`).
 
+Native passthroughs: an Anthropic-format Call (client_format "anthropic") for a Claude model goes
+as it is to rawPredict / streamRawPredict (count_tokens: `.../publishers/anthropic/models/
+count-tokens:rawPredict`, the model named in the body); a Gemini-format Call (client_format
+"gemini") for any other model goes as it is to `:generateContent`, `:streamGenerateContent?alt=sse`
+or `:countTokens` (Vertex AI embeds through another API, so the Gemini embedding methods are not
+served here).
+
 Configuration (settings.Provider, no new fields):
 
     - id: vertex
@@ -52,7 +59,7 @@ from proxy.call import Call, Reply, Target
 from proxy.errors import BadRequest, UpstreamUnavailable, ValidationFailed
 from proxy.providers.anthropic import AnthropicMessages
 from proxy.providers.common import bounded_get
-from proxy.providers.gemini import GeminiGenerateContent
+from proxy.providers.gemini import GeminiGenerateContent, native_body, native_method, send_native
 from proxy.providers.google_auth import InvalidServiceAccount, ServiceAccount, TokenCache
 from proxy.settings import ConfigError, Provider, Timeouts
 from proxy.upstream import UpstreamClient
@@ -95,6 +102,10 @@ class VertexBase:
         return "https://aiplatform.googleapis.com" if location == "global" else f"https://{location}-aiplatform.googleapis.com"
 
 
+# the native Gemini methods Vertex AI serves (embeddings use another API there: `predict`)
+VERTEX_GEMINI_ENDPOINTS = frozenset({"gemini.generateContent", "gemini.streamGenerateContent", "gemini.countTokens"})
+
+
 class _VertexGemini(GeminiGenerateContent):
     """Gemini translation; target.base_url is the location prefix, the headers come whole in extra_headers."""
 
@@ -105,14 +116,26 @@ class _VertexGemini(GeminiGenerateContent):
     def request_headers(self, target: Target) -> dict[str, str]:
         return target.extra_headers or {}
 
+    async def send(self, call: Call, target: Target) -> Reply:
+        if call.client_format != "gemini":
+            return await super().send(call, target)
+        url = f"{target.base_url}/publishers/google/models/{_segment(target.model)}:{native_method(call)}"
+        # a nested model would have to be Vertex's full resource name: leave it out (it is optional)
+        return await send_native(self, call, target, url, self.request_headers(target),
+                                 native_body(call.body, target.model, None))
+
 
 class _VertexAnthropic(AnthropicMessages):
     native_version_header = False
 
     def native_url(self, call: Call, target: Target) -> str:
+        if call.endpoint == "anthropic.count_tokens":  # one endpoint for every model, named in the body
+            return f"{target.base_url}/publishers/anthropic/models/count-tokens:rawPredict"
         return self.url(target, call.stream)
 
     def native_body(self, call: Call, target: Target) -> dict[str, Any]:
+        if call.endpoint == "anthropic.count_tokens":
+            return {**call.body, "model": target.model}
         body = {k: v for k, v in call.body.items() if k != "model"}
         return {"anthropic_version": self.vertex_version, **body}
 
@@ -135,7 +158,8 @@ class _VertexAnthropic(AnthropicMessages):
 
 
 class VertexAI:
-    endpoints = frozenset({"chat", "anthropic.messages"})  # native Anthropic: Claude models only
+    # native Anthropic: Claude models only; native Gemini: the other models
+    endpoints = frozenset({"chat", "anthropic.messages", "anthropic.count_tokens", *VERTEX_GEMINI_ENDPOINTS})
 
     def __init__(self, config: Provider, timeouts: Timeouts, upstream: UpstreamClient) -> None:
         self.config = config
@@ -210,6 +234,8 @@ class VertexAI:
     async def send(self, call: Call, target: Target) -> Reply:
         if call.client_format == "anthropic" and not is_claude(target.model):
             raise BadRequest(f"Provider '{target.provider}' serves Anthropic-format requests for Claude models only")
+        if call.client_format == "gemini" and is_claude(target.model):
+            raise BadRequest(f"Provider '{target.provider}' serves Gemini-format requests for Gemini models only")
         account, prefix, headers = self.resolve(target)
         token = await self.tokens.token(target.provider, account)
         headers["Authorization"] = f"Bearer {token}"
