@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.endpoints import anthropic, chat, embeddings, gemini, health, models, responses
+from proxy.endpoints import anthropic, chat, embeddings, gemini, health, models, responses, vertex
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
 from proxy.settings import Settings, load_settings
@@ -74,7 +74,8 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
     fast_routes.update({path: anthropic_app for path in anthropic.PATHS})
     responses_app = responses.Responses(gateway)
     fast_routes.update({path: responses_app for path in responses.PATHS})
-    prefix_routes: dict[str, ASGIApp] = {gemini.PREFIX: gemini.GeminiPassthrough(gateway)}
+    prefix_routes: dict[str, ASGIApp] = {gemini.PREFIX: gemini.GeminiPassthrough(gateway),
+                                         vertex.PREFIX: vertex.VertexPassthrough(gateway)}
     post_routes = [Route(path, handler, methods=["POST"]) for path, handler in fast_routes.items()]
     post_routes += [Route(prefix + "{rest:path}", handler, methods=["POST"]) for prefix, handler in prefix_routes.items()]
     starlette = Starlette(

@@ -13,7 +13,8 @@ A tests.mock_server.MockServer (aiohttp on its own event loop in a background th
   POST /v1/projects/{project}/locations/{location}/publishers/anthropic/models/{model}:{method}
                   rawPredict / streamRawPredict: a Claude text answer; the body must carry
                   anthropic_version vertex-2023-10-16 and no model. Model `count-tokens`
-                  (rawPredict, the model named in the body) answers {"input_tokens": COUNT_TOKENS}.
+                  (rawPredict, the model named in the body) answers {"input_tokens": COUNT_TOKENS};
+                  a model whose name contains `overloaded` answers 529 overloaded_error.
                   The google publisher also answers countTokens.
 
 The publisher routes answer 401 (Google's UNAUTHENTICATED) unless `Authorization: Bearer <token>`
@@ -176,6 +177,8 @@ class MockVertex(MockServer):
                 return web.json_response(mock_anthropic.error_body(
                     "invalid_request_error", "count-tokens takes rawPredict with model and messages"), status=400)
             return web.json_response({"input_tokens": COUNT_TOKENS})
+        if "overloaded" in model:
+            return web.json_response(mock_anthropic.error_body("overloaded_error", "Overloaded"), status=529)
         problem = None
         if not isinstance(body, dict) or body.get("anthropic_version") != "vertex-2023-10-16":
             problem = "anthropic_version: must be vertex-2023-10-16"

@@ -53,6 +53,7 @@ def gw(mock_upstream, amock, vmock, tmp_path_factory) -> Iterator[GatewayProcess
             {"name": "claude-error-first", "provider": "anthropic", "model": "claude-stream-error-first",
              "prices": PRICES},
             {"name": "claude-cut", "provider": "anthropic", "model": "claude-cut", "prices": PRICES},
+            {"name": "claude-vertex-overloaded", "provider": "vertex", "model": "claude-overloaded@20250101"},
         ],
     )
 
@@ -281,3 +282,65 @@ def test_tap_passes_bytes_unchanged():
     assert tap.final_usage().prompt_tokens == 12 and tap.final_usage().completion_tokens == 6
     message = tap.messages()[0]
     assert message["content"] == "Let me check." and len(message["tool_calls"]) == 2
+
+
+def vertex_client(gw: GatewayProcess) -> anthropic.AnthropicVertex:
+    """Anthropic's own Vertex AI client, pointed at the gateway's Vertex AI passthrough."""
+    return anthropic.AnthropicVertex(region="us-east5", project_id="client-proj", access_token=KEY,
+                                     base_url=f"{gw.url}/api/google/vertexai/v1", max_retries=0)
+
+
+def test_vertex_passthrough_with_anthropic_vertex_sdk(gw, mock, vmock):
+    vertex, _ = vmock
+    vertex.reset()
+    c = vertex_client(gw)
+    model = "claude-sonnet-4-5@20250929"
+    message = c.messages.create(model=model, max_tokens=20, messages=HI,
+                                metadata={"user_id": "u-7", "respan_params": {"customer_identifier": "vx-native"}})
+    assert message.content[0].text == TEXT
+    sent = vertex.requests[-1]
+    # the gateway's own provider config decides the project and location, not the client's path
+    assert (sent["project"], sent["location"], sent["model"], sent["method"]) == (
+        "proj-test", "us-central1", model, "rawPredict")
+    assert sent["body"]["anthropic_version"] == "vertex-2023-10-16" and "model" not in sent["body"]
+    assert sent["body"]["metadata"] == {"user_id": "u-7"}
+    record = gw.records(count=1, where="customer_identifier = ?", args=("vx-native",))[-1]
+    assert record["provider_id"] == "vertex" and record["cost"] == pytest.approx(COST)  # catalog: 3 / 15
+    with c.messages.stream(model=model, max_tokens=20, messages=HI) as stream:
+        assert "".join(stream.text_stream) == TEXT
+        assert stream.get_final_message().usage.output_tokens == 6
+    assert vertex.requests[-1]["method"] == "streamRawPredict" and vertex.requests[-1]["body"]["stream"] is True
+    assert c.messages.count_tokens(model=model, messages=HI).input_tokens == VERTEX_COUNT_TOKENS
+    assert vertex.requests[-1]["body"]["model"] == model
+    assert not mock.requests
+
+
+def test_vertex_passthrough_falls_back_to_anthropic(gw, mock, vmock):
+    """The same Claude call, routed by the gateway: pinned to Vertex AI, fallback_models may leave it."""
+    vertex, _ = vmock
+    vertex.reset()
+    model = "claude-vertex-overloaded"
+    params = {"fallback_models": ["claude-test"], "retry_params": {"retry_enabled": False}}
+    response = httpx.post(
+        f"{gw.url}/api/google/vertexai/v1/projects/p/locations/l/publishers/anthropic/models/{model}:rawPredict",
+        headers={"authorization": f"Bearer {KEY}"},
+        json={"anthropic_version": "vertex-2023-10-16", "max_tokens": 10, "messages": HI,
+              "metadata": {"respan_params": params}})
+    assert response.status_code == 200 and response.json()["content"][0]["text"] == TEXT
+    assert [r["model"] for r in vertex.requests] == ["claude-overloaded@20250101"]
+    sent = mock.last()  # then Anthropic itself, with Anthropic's own body
+    assert sent["body"]["model"] == "claude-sonnet-test" and "anthropic_version" not in sent["body"]
+    record = gw.record(response.headers["x-respan-log-id"])
+    assert record["fallback"] and [a["status"] for a in record["attempts"]] == [529, 200]
+
+
+def test_vertex_passthrough_errors(gw, mock):
+    base = f"{gw.url}/api/google/vertexai/v1/projects/p/locations/l/publishers"
+    response = httpx.post(f"{base}/anthropic/models/claude-test:predict", headers={"x-api-key": KEY},
+                          json={"messages": HI})
+    assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
+    assert "rawPredict" in response.json()["error"]["message"]
+    response = httpx.post(f"{base}/anthropic/models/claude-test:rawPredict", headers={"x-api-key": "sk-wrong"},
+                          json={"anthropic_version": "vertex-2023-10-16", "messages": HI})
+    assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    assert not mock.requests

@@ -356,3 +356,25 @@ def test_prompt_estimate_reads_gemini_and_anthropic_bodies():
                           "systemInstruction": {"parts": [{"text": "y" * 8}]}}) == 12
     assert prompt_tokens({"system": "s" * 8, "messages": [{"role": "user", "content": "u" * 8}]}) == 4
     assert prompt_tokens({"requests": [{"content": {"parts": [{"text": "z" * 12}]}}]}) == 3
+
+
+def test_vertex_passthrough_with_google_genai_vertex_mode(gw, gmock, vmock):
+    vertex, _ = vmock
+    vertex.reset()
+    options = types.HttpOptions(base_url=f"{gw.url}/api/google/vertexai", api_version="v1",
+                                retry_options=types.HttpRetryOptions(attempts=1))
+    CLIENTS.append(genai.Client(vertexai=True, api_key=KEY, http_options=options))
+    c = CLIENTS[-1]
+    assert c.models.generate_content(model="gemini-2.5-flash", contents=HELLO).text == ANSWER
+    chunks = list(c.models.generate_content_stream(model="gemini-2.5-flash", contents=HELLO))
+    assert "".join(ch.text or "" for ch in chunks) == ANSWER
+    assert [(r["publisher"], r["model"], r["method"]) for r in vertex.requests] == [
+        ("google", "gemini-2.5-flash", "generateContent"), ("google", "gemini-2.5-flash", "streamGenerateContent")]
+    assert not gmock.requests  # gemini-2.5-flash on the gemini provider would be the mock's gm-* models only
+    record = gw.records(count=2, where="provider_id = ? AND model_requested = ?",
+                        args=("vertex", "gemini-2.5-flash"))[-1]
+    # Vertex AI's catalog prices for gemini-2.5-flash: 0.30 / 2.50, 0.03 cached
+    assert record["cost"] == pytest.approx(((12 - 4) * 0.30 + 4 * 0.03 + 6 * 2.50) / 1e6)
+    response = httpx.post(f"{gw.url}/api/google/vertexai/v1/publishers/google/models/gemini-2.5-flash:predict",
+                          headers={"x-goog-api-key": KEY}, json=BODY)
+    assert response.status_code == 404 and response.json()["error"]["status"] == "NOT_FOUND"

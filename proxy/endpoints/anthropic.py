@@ -50,7 +50,11 @@ ERROR_TYPES = {
 
 
 def read_call(call: Call, raw: bytes) -> None:
-    body = parse_object(raw)
+    read_body(call, parse_object(raw))
+
+
+def read_body(call: Call, body: dict[str, Any]) -> None:
+    """Fill the Call from a parsed Anthropic Messages (or count_tokens) body."""
     metadata = body.get("metadata")
     nested: dict[str, Any] = {}
     if metadata is not None:

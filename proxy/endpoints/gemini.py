@@ -46,6 +46,11 @@ def read_call(call: Call, raw: bytes) -> None:
     match = PATH.match(call.path)
     if match is None or match["method"] not in METHODS:
         raise NotFound(f"Not found: {call.path}; the Gemini passthrough serves {USAGE}")
+    read_request(call, raw, match["model"], match["method"])
+
+
+def read_request(call: Call, raw: bytes, model: str, method: str) -> None:
+    """Fill the Call from a native Gemini request for `model` and `method` (taken from its path)."""
     query = parse_qs(call.query)
     if "key" in query and not any(h in call.headers for h in ("authorization", "x-api-key", "x-goog-api-key")):
         call.headers = {**call.headers, "x-goog-api-key": query["key"][0]}
@@ -53,8 +58,8 @@ def read_call(call: Call, raw: bytes) -> None:
     nested = {key: body.pop(key) for key in GATEWAY_KEYS if key in body}
     split_gateway_params(call, nested)  # only the nested containers: the other fields are Gemini's
     call.body = body
-    call.model = match["model"]
-    call.stream = match["method"] == "streamGenerateContent"
+    call.model = model
+    call.stream = method == "streamGenerateContent"
     call.client_wants_usage = False
     if call.stream:
         call.state[SSE] = query.get("alt") == ["sse"]
