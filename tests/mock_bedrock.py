@@ -16,13 +16,33 @@ Behaviour by model id (the URL-decoded `{modelId}` of /model/{modelId}/converse[
   *status-CODE      that HTTP status with {"message"} and x-amzn-errortype
   *throttled        a stream: some text, then a throttlingException exception event
 Streams are written a few bytes at a time, so frames arrive split at arbitrary places.
+
+Bedrock's Anthropic API, for the native passthrough (the same signature check and model ids):
+  /model/{modelId}/invoke                       an Anthropic Message (ANTHROPIC_USAGE; *tools*: text
+                                                and two tool_use blocks), or *status-CODE's error
+  /model/{modelId}/invoke-with-response-stream  the Anthropic stream events, each in a `chunk` frame
+                                                whose payload is {"bytes": base64(event JSON)}
+      *throttled-first  a throttlingException as the first frame
+      *throttled        some events, then a throttlingException
+      *cut              some events, then the body ends (no message_stop)
+      *garbled          some events, then a frame with a broken CRC
+  /model/{modelId}/count-tokens                 {"inputTokens": len(JSON of system, messages, tools) // 4};
+                                                a cross-Region profile id (us., eu., global.) is a 400,
+                                                as CountTokens takes foundation-model ids
+The invoke body must be an InvokeModel body for Claude: anthropic_version bedrock-2023-05-31,
+max_tokens, messages, no model or stream, anthropic_beta (if any) a list of strings; else 400
+ValidationException. Event JSON is written by `json.dumps` (spaces after `:` and `,`), so a
+gateway that re-serializes it is caught. `anthropic_events(model)` gives the events as sent.
 """
 
 from __future__ import annotations
 
+import base64
 import calendar
 import hashlib
 import hmac
+import json
+import re
 import struct
 import time
 import zlib
@@ -43,6 +63,10 @@ CACHE_USAGE = {"inputTokens": 5, "outputTokens": 6, "totalTokens": 311, "cacheRe
 TOOLS = [("tooluse_01", "get_weather", {"city": "Paris"}), ("tooluse_02", "get_time", {"tz": "Europe/Paris"})]
 ERROR_TYPES = {400: "ValidationException", 403: "AccessDeniedException", 404: "ResourceNotFoundException",
                429: "ThrottlingException", 500: "InternalServerException", 503: "ServiceUnavailableException"}
+ANTHROPIC_USAGE = {"input_tokens": 12, "output_tokens": 6, "cache_creation_input_tokens": 0,
+                   "cache_read_input_tokens": 0}
+ANTHROPIC_TOOLS = [("toolu_bdrk_01", "get_weather", {"city": "Paris"}), ("toolu_bdrk_02", "get_time", {"tz": "Europe/Paris"})]
+BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"
 BAD_SIGNATURE = ("The request signature we calculated does not match the signature you provided. Check your "
                  "AWS Secret Access Key and signing method. Consult the service documentation for details.")
 
@@ -118,12 +142,50 @@ def exception(kind: str, message: str) -> bytes:
                  orjson.dumps({"message": message}))
 
 
+def chunk(data: bytes) -> bytes:
+    """One InvokeModelWithResponseStream `chunk` frame carrying `data` (one event's JSON)."""
+    payload = orjson.dumps({"bytes": base64.b64encode(data).decode(), "p": "abcdefgh"})
+    return frame({":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"}, payload)
+
+
+def anthropic_event(kind: str, data: dict[str, Any]) -> bytes:
+    return json.dumps({"type": kind, **data}).encode()  # json.dumps: not orjson's bytes, on purpose
+
+
+def served_model(model: str) -> str:
+    """The model name a Claude answer on Bedrock carries: `us.anthropic.claude-x-v1:0` -> `claude-x`."""
+    name = model.rsplit("anthropic.", 1)[-1]
+    return re.sub(r"-v\d+(:\d+)?$", "", name)
+
+
+def invoke_problem(body: Any) -> str | None:
+    """What Bedrock would refuse in an InvokeModel body for Claude, as its message."""
+    if not isinstance(body, dict):
+        return "Malformed input request: body is not a JSON object"
+    if body.get("anthropic_version") != BEDROCK_ANTHROPIC_VERSION:
+        return f"Malformed input request: anthropic_version must be {BEDROCK_ANTHROPIC_VERSION}"
+    for key in ("model", "stream"):
+        if key in body:
+            return f"Malformed input request: extraneous key [{key}] is not permitted"
+    if not isinstance(body.get("max_tokens"), int):
+        return "Malformed input request: required key [max_tokens] not found"
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        return "Malformed input request: required key [messages] not found"
+    betas = body.get("anthropic_beta")
+    if betas is not None and (not isinstance(betas, list) or not all(isinstance(b, str) for b in betas)):
+        return "Malformed input request: anthropic_beta must be an array of strings"
+    return None
+
+
 class MockBedrock(MockServer):
     client_max_size = 32 * 1024 * 1024
 
     def routes(self, router: web.UrlDispatcher) -> None:
         router.add_post("/model/{model}/converse", self.converse)
         router.add_post("/model/{model}/converse-stream", self.converse)
+        router.add_post("/model/{model}/invoke", self.invoke)
+        router.add_post("/model/{model}/invoke-with-response-stream", self.invoke)
+        router.add_post("/model/{model}/count-tokens", self.count_tokens)
 
     # -- answers ----------------------------------------------------------------------
 
@@ -195,3 +257,106 @@ class MockBedrock(MockServer):
         return await self.send_stream(request, self.events(model), "application/vnd.amazon.eventstream",
                                       {"x-amzn-requestid": "req-mock-stream"},
                                       piece=97)  # frames split at arbitrary places
+
+    # -- Bedrock's Anthropic API (InvokeModel, InvokeModelWithResponseStream, CountTokens) --
+
+    async def signed_request(self, request: web.Request) -> tuple[str, Any, web.Response | None]:
+        """(model id, JSON body, refusal): records the request; a refused signature answers 403."""
+        raw = await request.read()
+        model = unquote(request.match_info["model"])
+        signer = check_signature(request, raw)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        self.record(request, body, path=request.rel_url.raw_path, model=model,
+                    signer=signer if isinstance(signer, dict) else None)
+        return model, body, None if isinstance(signer, dict) else self.error(*signer)
+
+    @staticmethod
+    def anthropic_content(model: str) -> list[dict[str, Any]]:
+        if "tools" in model:
+            return [{"type": "text", "text": "Let me check."}] + [
+                {"type": "tool_use", "id": i, "name": name, "input": args} for i, name, args in ANTHROPIC_TOOLS]
+        return [{"type": "text", "text": TEXT}]
+
+    async def invoke(self, request: web.Request) -> web.StreamResponse:
+        model, body, refused = await self.signed_request(request)
+        if refused is not None:
+            return refused
+        problem = invoke_problem(body)
+        if problem is not None:
+            return self.error(400, "ValidationException", problem)
+        if "status-" in model:
+            status = int(model.rsplit("status-", 1)[1])
+            return self.error(status, ERROR_TYPES.get(status, "InternalServerException"), f"mock error {status}")
+        if request.path.endswith("/invoke-with-response-stream"):
+            return await self.send_stream(request, self.invoke_frames(model), "application/vnd.amazon.eventstream",
+                                          {"x-amzn-requestid": "req-mock-invoke-stream"}, piece=61)
+        answer = {"id": "msg_bdrk_01", "type": "message", "role": "assistant", "model": served_model(model),
+                  "content": self.anthropic_content(model),
+                  "stop_reason": "tool_use" if "tools" in model else "end_turn", "stop_sequence": None,
+                  "usage": dict(ANTHROPIC_USAGE)}
+        data = json.dumps(answer).encode()
+        self.requests[-1]["answer"] = data  # the exact bytes, for a pass-through check
+        return web.Response(body=data, content_type="application/json", headers={"x-amzn-requestid": "req-mock-invoke"})
+
+    def anthropic_events(self, model: str) -> list[bytes]:
+        """The Anthropic stream events (JSON bytes) the stream of `model` carries, in order."""
+        if "throttled-first" in model:
+            return []
+        out = [anthropic_event("message_start", {"message": {
+            "id": "msg_bdrk_01", "type": "message", "role": "assistant", "model": served_model(model), "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {**ANTHROPIC_USAGE, "output_tokens": 1}}})]
+        out.append(anthropic_event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}))
+        for word in ["Let", " me", " check."] if "tools" in model else WORDS:
+            out.append(anthropic_event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word}}))
+        if any(mode in model for mode in ("throttled", "cut", "garbled")):
+            return out
+        out.append(anthropic_event("content_block_stop", {"index": 0}))
+        if "tools" in model:
+            for index, (tool_id, name, args) in enumerate(ANTHROPIC_TOOLS, start=1):
+                out.append(anthropic_event("content_block_start", {"index": index, "content_block": {
+                    "type": "tool_use", "id": tool_id, "name": name, "input": {}}}))
+                text = orjson.dumps(args).decode()
+                for piece in ("", text[:5], text[5:12], text[12:]):
+                    out.append(anthropic_event("content_block_delta", {"index": index, "delta": {
+                        "type": "input_json_delta", "partial_json": piece}}))
+                out.append(anthropic_event("content_block_stop", {"index": index}))
+        out.append(anthropic_event("message_delta", {
+            "delta": {"stop_reason": "tool_use" if "tools" in model else "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": ANTHROPIC_USAGE["output_tokens"]}}))
+        out.append(anthropic_event("message_stop", {"amazon-bedrock-invocationMetrics": {
+            "inputTokenCount": 12, "outputTokenCount": 6, "invocationLatency": 420, "firstByteLatency": 120}}))
+        return out
+
+    def invoke_frames(self, model: str) -> list[bytes]:
+        out = [chunk(data) for data in self.anthropic_events(model)]
+        if "throttled" in model:
+            out.append(exception("throttlingException", "Too many requests, please wait before trying again."))
+        elif "garbled" in model:
+            broken = bytearray(chunk(anthropic_event("content_block_delta", {
+                "index": 0, "delta": {"type": "text_delta", "text": " more"}})))
+            broken[-1] ^= 0xFF  # the message CRC no longer matches
+            out.append(bytes(broken))
+        return out
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        model, body, refused = await self.signed_request(request)
+        if refused is not None:
+            return refused
+        invoke = body.get("input", {}).get("invokeModel", {}).get("body") if isinstance(body, dict) else None
+        try:
+            decoded = orjson.loads(base64.b64decode(invoke, validate=True)) if isinstance(invoke, str) else None
+        except (ValueError, orjson.JSONDecodeError):
+            decoded = None
+        self.requests[-1]["invoke_body"] = decoded
+        if decoded is None:
+            return self.error(400, "ValidationException", "input.invokeModel.body must be a base64 JSON body")
+        problem = invoke_problem(decoded)
+        if problem is not None:
+            return self.error(400, "ValidationException", problem)
+        if model.startswith(("us.", "eu.", "global.")):
+            return self.error(400, "ValidationException", "The provided model identifier is invalid.")
+        size = len(orjson.dumps([decoded.get("system"), decoded["messages"], decoded.get("tools")]))
+        return web.json_response({"inputTokens": size // 4}, headers={"x-amzn-requestid": "req-mock-count"})

@@ -148,6 +148,18 @@ def test_eventstream_crc_errors(position):
         EventStreamDecoder().feed(bytes(data))
 
 
+def test_eventstream_good_messages_before_a_broken_one_are_kept():
+    good = encode_message({":event-type": "a"}, b"1") + encode_message({":event-type": "b"}, b"2")
+    bad = bytearray(encode_message({":event-type": "c"}, b"3"))
+    bad[-1] ^= 0xFF
+    decoder = EventStreamDecoder()
+    assert [p for _, p in decoder.feed(good + bytes(bad))] == [b"1", b"2"]  # the break is held back...
+    with pytest.raises(EventStreamError):
+        decoder.close()  # ...and raised at the end of the body
+    with pytest.raises(EventStreamError):
+        decoder.feed(b"")  # or by the next read
+
+
 def test_eventstream_typed_headers():
     raw = (b"\x01a\x00" + b"\x01b\x01" + b"\x01c\x02\x05" + b"\x01d\x03\x00\x07" + b"\x01e\x04\x00\x00\x00\x09"
            + b"\x01f\x05" + (10).to_bytes(8, "big") + b"\x01g\x06\x00\x02xy" + b"\x01h\x08" + (3).to_bytes(8, "big")

@@ -44,6 +44,15 @@ Response
   framing (CRC) or a body that ends before messageStop raises UpstreamStreamError.
 - Errors: status kept, `{"message"}` plus the `x-amzn-errortype` header -> OpenAI-shaped error
   (code: the AWS error type; "too long" input on a 400 -> context_length_exceeded).
+
+The native Anthropic passthrough (client_format "anthropic": `/api/anthropic/v1/messages` and
+`count_tokens`) goes to Bedrock's own Anthropic API instead of Converse: InvokeModel
+(`/model/{modelId}/invoke`), InvokeModelWithResponseStream (`.../invoke-with-response-stream`) and
+CountTokens (`.../count-tokens`), signed, and with region and base URL, exactly as above. The body
+is the client's Messages body (no `model` or `stream`; `anthropic_version` and the client's
+`anthropic-beta` in it), the answer an Anthropic Message passed through unchanged, a stream's
+event-stream chunks re-emitted as Anthropic SSE events, and errors in Anthropic's shape; the
+shapes are in proxy.providers.bedrock_anthropic. Only Claude model ids are served so (400 else).
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ import orjson
 
 from proxy.call import Call, Reply, Target
 from proxy.errors import BadRequest
+from proxy.providers import bedrock_anthropic as native
 from proxy.providers.anthropic import openai_usage
 from proxy.providers.common import (
     chunk_event,
@@ -366,8 +376,8 @@ def _error_type(status: int) -> str:
     return STATUS_ERROR_TYPE.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
-def error_reply_body(status: int, raw: bytes, error_type: str | None) -> bytes:
-    """A Bedrock error (`{"message"}` + x-amzn-errortype) -> an OpenAI-shaped error body."""
+def error_message(status: int, raw: bytes) -> str:
+    """The message of a Bedrock error body (`{"message"}`), else its text, else a generic one."""
     try:
         data = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
@@ -378,6 +388,12 @@ def error_reply_body(status: int, raw: bytes, error_type: str | None) -> bytes:
     if not isinstance(message, str) or not message:
         text = raw[:500].decode("utf-8", "replace").strip() if raw and data is None else ""
         message = text or f"Bedrock returned HTTP {status}"
+    return message
+
+
+def error_reply_body(status: int, raw: bytes, error_type: str | None) -> bytes:
+    """A Bedrock error (`{"message"}` + x-amzn-errortype) -> an OpenAI-shaped error body."""
+    message = error_message(status, raw)
     code = (error_type or "").split(":", 1)[0] or _error_type(status)
     if status == 400 and "too long" in message.lower():
         code = "context_length_exceeded"
@@ -539,8 +555,10 @@ def credentials_for(target: Target, base_url: str) -> AwsCredentials | None:
     return AwsCredentials(access, secret, token if isinstance(token, str) and token else None, region)
 
 
-def model_path(model: str, stream: bool) -> str:
-    return f"/model/{quote(model, safe=PATH_SAFE)}/{'converse-stream' if stream else 'converse'}"
+def model_path(model: str, stream: bool, action: str | None = None) -> str:
+    """`/model/{modelId}/{action}`: converse / converse-stream, or another action (e.g. invoke)."""
+    action = action or ("converse-stream" if stream else "converse")
+    return f"/model/{quote(model, safe=PATH_SAFE)}/{action}"
 
 
 # -- the adapter --------------------------------------------------------------------------
@@ -550,11 +568,24 @@ def _error(status: int, message: str, code: str) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": _error_type(status), "param": None, "code": code}})
 
 
+def reply_headers(response: UpstreamResponse) -> dict[str, str]:
+    """The usual pass-through headers, plus AWS's request id as x-request-id."""
+    headers = response.pass_headers()
+    request_id = response.headers.get("x-amzn-requestid")
+    if request_id:
+        headers.setdefault("x-request-id", request_id)
+    return headers
+
+
 class BedrockConverse:
+    endpoints = frozenset({"chat", "anthropic.messages", "anthropic.count_tokens"})
+
     def __init__(self, config: Provider, timeouts: Timeouts, upstream: UpstreamClient) -> None:
         self.config = config
         self.timeouts = config.timeouts or timeouts
         self.upstream = upstream
+        version = config.api_version if (config.api_version or "").startswith("bedrock-") else None
+        self.anthropic_version = version or native.ANTHROPIC_VERSION
 
     def base_url(self, target: Target, region: str | None) -> str:
         base = (target.base_url or self.config.base_url).rstrip("/")
@@ -565,42 +596,93 @@ class BedrockConverse:
             base = base.replace(f".{current}.amazonaws.com", f".{region}.amazonaws.com", 1)
         return base
 
-    async def send(self, call: Call, target: Target) -> Reply:
-        body = orjson.dumps(to_converse(call.body))
+    def endpoint(self, target: Target) -> tuple[str, AwsCredentials | None]:
+        """(base URL, keys and region) for a target; no keys: None."""
         fields = target.credentials or {}
         wanted = fields.get("aws_region_name") if isinstance(fields.get("aws_region_name"), str) else None
         base = self.base_url(target, wanted)
-        credentials = credentials_for(target, base)
-        if credentials is None:
-            message = (f"provider '{target.provider}' has no AWS credentials: set its api_key to "
-                       "ACCESS_KEY_ID:SECRET_ACCESS_KEY, or send aws_access_key_id and aws_secret_access_key")
-            return Reply(401, body=_error(401, message, "missing_aws_credentials"))
-        url = base + model_path(target.model, call.stream)
+        return base, credentials_for(target, base)
+
+    @staticmethod
+    def no_credentials(target: Target) -> Reply:
+        message = (f"provider '{target.provider}' has no AWS credentials: set its api_key to "
+                   "ACCESS_KEY_ID:SECRET_ACCESS_KEY, or send aws_access_key_id and aws_secret_access_key")
+        return Reply(401, body=_error(401, message, "missing_aws_credentials"))
+
+    def signed_headers(self, target: Target, credentials: AwsCredentials, url: str, body: bytes, *,
+                       stream: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
         headers = {"content-type": "application/json",
-                   "accept": "application/vnd.amazon.eventstream" if call.stream else "application/json"}
+                   "accept": "application/vnd.amazon.eventstream" if stream else "application/json"}
         if not target.custom_credential or not target.base_url or target.base_url == self.config.base_url:
             headers.update({k.lower(): v for k, v in self.config.headers.items()})
         if target.extra_headers:
             headers.update({k.lower(): v for k, v in target.extra_headers.items()})
-        signed = sign_headers("POST", url, headers, body, access_key=credentials.access_key,
-                              secret_key=credentials.secret_key, region=credentials.region, service=SERVICE,
-                              session_token=credentials.session_token)
+        if extra:
+            headers.update(extra)
+        return sign_headers("POST", url, headers, body, access_key=credentials.access_key,
+                            secret_key=credentials.secret_key, region=credentials.region, service=SERVICE,
+                            session_token=credentials.session_token)
+
+    async def send(self, call: Call, target: Target) -> Reply:
+        if call.client_format == "anthropic":
+            return await self.send_native(call, target)
+        body = orjson.dumps(to_converse(call.body))
+        base, credentials = self.endpoint(target)
+        if credentials is None:
+            return self.no_credentials(target)
+        url = base + model_path(target.model, call.stream)
+        signed = self.signed_headers(target, credentials, url, body, stream=call.stream)
         response, raw = await post_upstream(self, call, target, url, signed, body)
-        reply_headers = response.pass_headers()
-        request_id = response.headers.get("x-amzn-requestid")
-        if request_id:
-            reply_headers.setdefault("x-request-id", request_id)
+        headers = reply_headers(response)
         if raw is None:
-            return Reply(200, stream=self._stream(response, target), headers=reply_headers,
+            return Reply(200, stream=self._stream(response, target), headers=headers,
                          media_type="text/event-stream")
         if response.status >= 400:
             out = error_reply_body(response.status, raw, response.headers.get("x-amzn-errortype"))
-            return Reply(response.status, body=out, headers=reply_headers)
+            return Reply(response.status, body=out, headers=headers)
         data = json_object(raw)
         if data is None:
             message = f"provider '{target.provider}' sent a response that is not a JSON object"
-            return Reply(502, body=_error(502, message, "bad_response"), headers=reply_headers)
-        return Reply(200, body=orjson.dumps(from_converse(data, target.model)), headers=reply_headers)
+            return Reply(502, body=_error(502, message, "bad_response"), headers=headers)
+        return Reply(200, body=orjson.dumps(from_converse(data, target.model)), headers=headers)
+
+    async def send_native(self, call: Call, target: Target) -> Reply:
+        """An Anthropic-format call (Messages or count_tokens) to Bedrock's Anthropic API; the
+        answer in Anthropic's format (a Message's bytes unchanged)."""
+        if not native.is_anthropic_model(target.model):
+            raise BadRequest(f"Provider '{target.provider}' serves Anthropic-format requests for Claude models "
+                             f"only, not {target.model!r}")
+        base, credentials = self.endpoint(target)
+        if credentials is None:
+            return self.no_credentials(target)
+        invoke = native.invoke_body(call, self.anthropic_version)
+        counting = call.endpoint == "anthropic.count_tokens"
+        stream = call.stream and not counting
+        if counting:
+            body = native.count_tokens_body(invoke)
+            path = model_path(native.count_tokens_model(target.model), False, "count-tokens")
+        else:
+            body = orjson.dumps(invoke)
+            path = model_path(target.model, stream, "invoke-with-response-stream" if stream else "invoke")
+        url = base + path
+        signed = self.signed_headers(target, credentials, url, body, stream=stream,
+                                     extra=native.upstream_headers(call))
+        response, raw = await post_upstream(self, call, target, url, signed, body, stream=stream)
+        headers = reply_headers(response)
+        if raw is None:
+            return Reply(200, stream=native.relay_stream(response, target.provider), headers=headers,
+                         media_type="text/event-stream")
+        if response.status >= 400:
+            out = native.error_body(response.status, error_message(response.status, raw),
+                                    response.headers.get("x-amzn-errortype"))
+            return Reply(response.status, body=out, headers=headers)
+        if counting:
+            answer = native.count_tokens_answer(raw)
+            if answer is None:
+                message = f"provider '{target.provider}' sent a CountTokens answer without inputTokens"
+                return Reply(502, body=native.error_body(502, message, None), headers=headers)
+            return Reply(200, body=answer, headers=headers)
+        return Reply(response.status, body=raw, headers=headers)
 
     async def _stream(self, response: UpstreamResponse, target: Target) -> AsyncIterator[bytes]:
         decoder = EventStreamDecoder()
@@ -614,6 +696,7 @@ class BedrockConverse:
                         yield out
                     if translator.failed or translator.done:
                         return
+                decoder.close()
             except EventStreamError as exc:
                 raise UpstreamStreamError(f"provider '{target.provider}' sent a broken event stream: {exc}") from None
             out = translator.finish()

@@ -73,10 +73,11 @@ def encode_message(headers: dict[str, str], payload: bytes) -> bytes:
 class EventStreamDecoder:
     """Feed it bytes as they arrive; it returns the complete messages as (headers, payload)."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_error")
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._error: EventStreamError | None = None  # broken framing after good messages: raised next time
 
     @property
     def pending(self) -> int:
@@ -84,9 +85,27 @@ class EventStreamDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[tuple[dict[str, Any], bytes]]:
+        """The messages completed by `data`. Broken framing raises EventStreamError, but only once
+        the good messages before it have been returned (the next call raises it)."""
+        if self._error is not None:
+            raise self._error
+        out: list[tuple[dict[str, Any], bytes]] = []
+        try:
+            self._decode(data, out)
+        except EventStreamError as exc:
+            if not out:
+                raise
+            self._error = exc
+        return out
+
+    def close(self) -> None:
+        """At the end of the body: raise the broken framing held back by the last `feed`, if any."""
+        if self._error is not None:
+            raise self._error
+
+    def _decode(self, data: bytes, out: list[tuple[dict[str, Any], bytes]]) -> None:
         buffer = self._buffer
         buffer += data
-        out = []
         while len(buffer) >= PRELUDE:
             total, headers_length, prelude_crc = struct.unpack_from(">III", buffer, 0)
             if zlib.crc32(bytes(buffer[:8])) != prelude_crc:
@@ -102,4 +121,3 @@ class EventStreamDecoder:
                 raise EventStreamError("message CRC mismatch")
             headers = decode_headers(message[PRELUDE:PRELUDE + headers_length])
             out.append((headers, message[PRELUDE + headers_length:-4]))
-        return out
