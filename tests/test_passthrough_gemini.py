@@ -61,6 +61,7 @@ def gw(mock_upstream, gmock_server, vmock, tmp_path_factory) -> Iterator[Gateway
             {"name": "gem-cut", "model": "gm-cut", **model},
             {"name": "gem-bad", "model": "gm-status-400", **model},
             {"name": "gem-embed", "model": "gm-embed", **model},
+            {"name": "gem-small", "model": "gm-small-window", "context_window": 50, **model},
         ],
     )
 
@@ -378,3 +379,11 @@ def test_vertex_passthrough_with_google_genai_vertex_mode(gw, gmock, vmock):
     response = httpx.post(f"{gw.url}/api/google/vertexai/v1/publishers/google/models/gemini-2.5-flash:predict",
                           headers={"x-goog-api-key": KEY}, json=BODY)
     assert response.status_code == 404 and response.json()["error"]["status"] == "NOT_FOUND"
+
+
+def test_context_window_skips_a_model_the_prompt_does_not_fit(gw, gmock):
+    c = client(gw, headers=params_header(fallback_models=["gem"], customer_identifier="gm-window"))
+    assert c.models.generate_content(model="gem-small", contents="word " * 100).text == ANSWER  # ~125 tokens
+    assert [r["model"] for r in gmock.requests] == ["gm-text"]  # gm-small-window was never called
+    record = gw.records(count=1, where="customer_identifier = ?", args=("gm-window",))[-1]
+    assert "exceeds its context window of 50" in record["warnings"][0]
