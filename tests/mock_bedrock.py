@@ -206,17 +206,9 @@ class MockBedrock(MockServer):
         return dict(CACHE_USAGE if "cache" in model else USAGE)
 
     async def converse(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        model = unquote(request.match_info["model"])
-        signer = check_signature(request, raw)
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            body = None
-        self.record(request, body, path=request.rel_url.raw_path, model=model,
-                    signer=signer if isinstance(signer, dict) else None)
-        if not isinstance(signer, dict):
-            return self.error(*signer)
+        model, body, refusal = await self.signed_request(request)
+        if refusal is not None:
+            return refusal
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
             return self.error(400, "ValidationException", "messages: at least one message is required")
         if "status-" in model:

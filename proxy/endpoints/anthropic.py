@@ -23,7 +23,7 @@ from starlette.types import Send
 
 from proxy.call import Call, Reply
 from proxy.endpoints.base import Endpoint
-from proxy.endpoints.body import parse_object, send_whole, split_gateway_params
+from proxy.endpoints.body import error_of, parse_object, send_whole, split_gateway_params
 from proxy.errors import BadRequest, ValidationFailed
 from proxy.gateway import STREAM_CUT_AT_SHUTDOWN, STREAM_DONE
 from proxy.sse_anthropic import anthropic_error_event
@@ -98,26 +98,9 @@ def read_body(call: Call, body: dict[str, Any]) -> None:
 
 def anthropic_error(reply: Reply) -> bytes:
     """A gateway (or OpenAI-shaped) error body -> Anthropic's error body; Anthropic's as it is."""
-    try:
-        data = orjson.loads(reply.body) if reply.body else None
-    except orjson.JSONDecodeError:
-        data = None
+    data, message = error_of(reply)
     if isinstance(data, dict) and data.get("type") == "error":
         return reply.body
-    message: Any = None
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict):
-            message = error.get("message")
-        elif isinstance(error, str):
-            message = error
-        elif isinstance(data.get("detail"), str):
-            message = data["detail"]
-            errors = data.get("errors")
-            if isinstance(errors, dict) and errors:
-                message += ": " + "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in errors.items())
-    if not isinstance(message, str) or not message:
-        message = reply.body[:500].decode("utf-8", "replace") or f"HTTP {reply.status}"
     kind = ERROR_TYPES.get(reply.status, "api_error" if reply.status >= 500 else "invalid_request_error")
     return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
 

@@ -80,3 +80,29 @@ async def send_whole(gateway: Gateway, call: Call, reply: Reply, send: Send) -> 
     raw.append((b"content-length", str(len(reply.body)).encode()))
     await send({"type": "http.response.start", "status": reply.status, "headers": raw})
     await send({"type": "http.response.body", "body": reply.body})
+
+
+def error_of(reply: Reply) -> tuple[Any, str]:
+    """(the parsed body, its message) of an error reply in any shape the gateway sends: its own
+    `{"detail", "errors"}`, OpenAI's `{"error": {"message"}}` or `{"error": "..."}`; a body of
+    another shape gives the start of its text. For the native endpoints, which answer errors in
+    their provider's own shape."""
+    try:
+        data = orjson.loads(reply.body) if reply.body else None
+    except orjson.JSONDecodeError:
+        data = None
+    message: Any = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+        elif isinstance(error, str):
+            message = error
+        elif isinstance(data.get("detail"), str):
+            message = data["detail"]
+            errors = data.get("errors")
+            if isinstance(errors, dict) and errors:
+                message += ": " + "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in errors.items())
+    if not isinstance(message, str) or not message:
+        message = reply.body[:500].decode("utf-8", "replace") or f"HTTP {reply.status}"
+    return data, message

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
@@ -28,7 +27,7 @@ from starlette.types import Send
 
 from proxy.call import Call, Reply
 from proxy.endpoints.base import Endpoint
-from proxy.endpoints.body import parse_object, send_whole, split_gateway_params
+from proxy.endpoints.body import error_of, parse_object, send_whole, split_gateway_params
 from proxy.errors import NotFound
 from proxy.gateway import STREAM_CUT_AT_SHUTDOWN
 from proxy.sse import SSEDecoder
@@ -67,25 +66,10 @@ def read_request(call: Call, raw: bytes, model: str, method: str) -> None:
 
 def gemini_error_body(reply: Reply) -> bytes:
     """A gateway (or OpenAI-shaped) error body -> Google's error body; Google's as it is."""
-    try:
-        data = orjson.loads(reply.body) if reply.body else None
-    except orjson.JSONDecodeError:
-        data = None
+    data, message = error_of(reply)
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict) and isinstance(error.get("status"), str) and isinstance(error.get("code"), int):
         return reply.body
-    message: Any = None
-    if isinstance(error, dict):
-        message = error.get("message")
-    elif isinstance(error, str):
-        message = error
-    elif isinstance(data, dict) and isinstance(data.get("detail"), str):
-        message = data["detail"]
-        errors = data.get("errors")
-        if isinstance(errors, dict) and errors:
-            message += ": " + "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in errors.items())
-    if not isinstance(message, str) or not message:
-        message = reply.body[:500].decode("utf-8", "replace") or f"HTTP {reply.status}"
     return orjson.dumps(gemini_error(reply.status, message))
 
 

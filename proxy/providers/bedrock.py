@@ -80,7 +80,7 @@ from proxy.providers.common import (
     tool_call_id,
     tool_function,
 )
-from proxy.providers.eventstream import EventStreamDecoder, EventStreamError
+from proxy.providers.eventstream import EventStreamDecoder, EventStreamError, EventStreamReader
 from proxy.providers.sigv4 import sign_headers
 from proxy.settings import Provider, Timeouts
 from proxy.upstream import UpstreamClient, UpstreamResponse, UpstreamStreamError
@@ -406,19 +406,18 @@ def stream_error_event(kind: str, message: str) -> bytes:
     return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
 
 
-class StreamTranslator:
+class StreamTranslator(EventStreamReader):
     """Converse stream events in, OpenAI chat.completion.chunk SSE bytes out."""
 
-    __slots__ = ("id", "model", "created", "opened", "stop_reason", "done", "failed", "_tools")
+    __slots__ = ("id", "model", "created", "opened", "stop_reason", "_tools")
 
     def __init__(self, model: str) -> None:
+        super().__init__()
         self.id = f"chatcmpl-bedrock-{time.time_ns():x}"
         self.model = model
         self.created = int(time.time())
         self.opened = False
         self.stop_reason: str | None = None
-        self.done = False
-        self.failed = False
         self._tools: dict[int, int] = {}  # contentBlockIndex -> tool_calls index
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -439,38 +438,15 @@ class StreamTranslator:
         out.append(b"data: " + orjson.dumps(data) + b"\n\ndata: [DONE]\n\n")
         self.done = True
 
-    def feed(self, messages: list[tuple[dict[str, Any], bytes]]) -> bytes:
-        out: list[bytes] = []
-        for headers, payload in messages:
-            if self.done or self.failed:
-                break
-            kind = headers.get(":message-type", "event")
-            if kind == "exception":
-                self._fail(out, str(headers.get(":exception-type") or "exception"), payload)
-                continue
-            if kind == "error":
-                self.failed = True
-                out.append(stream_error_event(str(headers.get(":error-code") or "error"),
-                                              str(headers.get(":error-message") or "")))
-                continue
-            try:
-                event = orjson.loads(payload) if payload else {}
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                self._event(headers.get(":event-type"), event, out)
-        return b"".join(out)
+    def _failure(self, kind: str, message: str) -> bytes:
+        return stream_error_event(kind, message)
 
-    def _fail(self, out: list[bytes], kind: str, payload: bytes) -> None:
-        self.failed = True
-        try:
-            data = orjson.loads(payload) if payload else {}
-        except orjson.JSONDecodeError:
-            data = {}
-        message = data.get("message") or data.get("Message") if isinstance(data, dict) else None
-        out.append(stream_error_event(kind, message if isinstance(message, str) else ""))
+    def _event(self, out: list[bytes], event_type: Any, payload: bytes) -> None:
+        event = json_object(payload) if payload else None
+        if event is not None:
+            self._converse_event(event_type, event, out)
 
-    def _event(self, kind: Any, event: dict[str, Any], out: list[bytes]) -> None:
+    def _converse_event(self, kind: Any, event: dict[str, Any], out: list[bytes]) -> None:
         if kind == "contentBlockDelta":
             delta = event.get("delta") or {}
             index = event.get("contentBlockIndex", 0)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -44,7 +44,7 @@ import orjson
 from proxy.call import Call
 from proxy.providers.anthropic import DEFAULT_MAX_TOKENS, STATUS_ERROR_TYPE
 from proxy.providers.common import json_object
-from proxy.providers.eventstream import EventStreamDecoder, EventStreamError
+from proxy.providers.eventstream import EventStreamDecoder, EventStreamError, EventStreamReader
 from proxy.sse_anthropic import anthropic_error_event
 from proxy.upstream import UpstreamResponse, UpstreamStreamError
 
@@ -145,33 +145,18 @@ def error_body(status: int, message: str, aws_type: str | None) -> bytes:
     return orjson.dumps({"type": "error", "error": {"type": error_type(status, aws_type), "message": message}})
 
 
-class StreamEvents:
+class StreamEvents(EventStreamReader):
     """Bedrock event-stream messages in, Anthropic SSE bytes out (`feed`). `done`: message_stop
     went out; `failed`: an exception ended the stream with an error event."""
 
-    __slots__ = ("done", "failed")
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self.done = False
-        self.failed = False
+    def _failure(self, kind: str, message: str) -> bytes:
+        return anthropic_error_event(message or kind, error_type(502, kind))
 
-    def feed(self, messages: Iterable[tuple[Mapping[str, Any], bytes]]) -> bytes:
-        out: list[bytes] = []
-        for headers, payload in messages:
-            if self.done or self.failed:
-                break
-            kind = headers.get(":message-type", "event")
-            if kind == "exception":
-                self._fail(out, str(headers.get(":exception-type") or "exception"), payload)
-            elif kind == "error":
-                message = str(headers.get(":error-message") or headers.get(":error-code") or "stream error")
-                self.failed = True
-                out.append(anthropic_error_event(message, error_type(502, headers.get(":error-code"))))
-            elif headers.get(":event-type") == "chunk":
-                self._chunk(out, payload)
-        return b"".join(out)
-
-    def _chunk(self, out: list[bytes], payload: bytes) -> None:
+    def _event(self, out: list[bytes], event_type: Any, payload: bytes) -> None:
+        if event_type != "chunk":
+            return
         data = json_object(payload) if payload else None
         encoded = data.get("bytes") if data is not None else None
         if not isinstance(encoded, str):
@@ -191,13 +176,6 @@ class StreamEvents:
             self.done = True
         elif name == "error":
             self.failed = True
-
-    def _fail(self, out: list[bytes], kind: str, payload: bytes) -> None:
-        self.failed = True
-        data = json_object(payload) if payload else None
-        message = (data.get("message") or data.get("Message")) if data is not None else None
-        out.append(anthropic_error_event(message if isinstance(message, str) and message else kind,
-                                         error_type(502, kind)))
 
 
 async def relay_stream(response: UpstreamResponse, provider: str) -> AsyncIterator[bytes]:

@@ -3,13 +3,17 @@
 A message: a 12-byte prelude (total length, headers length, both big-endian uint32, and the
 CRC32 of those 8 bytes), the headers, the payload, and the CRC32 of everything before it.
 A header: name length (1 byte), name, value type (1 byte), value (its encoding by type).
+EventStreamReader walks the decoded messages (events, exceptions, errors) for a translator.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+import orjson
 
 PRELUDE = 12
 MAX_MESSAGE = 16 * 1024 * 1024  # a message larger than this is corrupt framing, not a real event
@@ -121,3 +125,49 @@ class EventStreamDecoder:
                 raise EventStreamError("message CRC mismatch")
             headers = decode_headers(message[PRELUDE:PRELUDE + headers_length])
             out.append((headers, message[PRELUDE + headers_length:-4]))
+
+
+def exception_message(payload: bytes) -> str:
+    """The message of an exception message's payload (`{"message": ...}`), else ""."""
+    try:
+        data = orjson.loads(payload) if payload else None
+    except orjson.JSONDecodeError:
+        return ""
+    message = (data.get("message") or data.get("Message")) if isinstance(data, dict) else None
+    return message if isinstance(message, str) else ""
+
+
+class EventStreamReader:
+    """Reads decoded messages until its stream is done or failed, and returns the bytes its client
+    gets. A subclass says what an event becomes (`_event`) and what ends the stream on an exception
+    or error message (`_failure`); it sets `done` itself."""
+
+    __slots__ = ("done", "failed")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.failed = False
+
+    def feed(self, messages: Iterable[tuple[Mapping[str, Any], bytes]]) -> bytes:
+        out: list[bytes] = []
+        for headers, payload in messages:
+            if self.done or self.failed:
+                break
+            kind = headers.get(":message-type", "event")
+            if kind == "exception":
+                self.failed = True
+                out.append(self._failure(str(headers.get(":exception-type") or "exception"),
+                                         exception_message(payload)))
+            elif kind == "error":
+                self.failed = True
+                out.append(self._failure(str(headers.get(":error-code") or "error"),
+                                         str(headers.get(":error-message") or "")))
+            else:
+                self._event(out, headers.get(":event-type"), payload)
+        return b"".join(out)
+
+    def _event(self, out: list[bytes], event_type: Any, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def _failure(self, kind: str, message: str) -> bytes:
+        raise NotImplementedError
