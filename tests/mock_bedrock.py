@@ -15,6 +15,8 @@ Behaviour by model id (the URL-decoded `{modelId}` of /model/{modelId}/converse[
   *stop-REASON      the text answer with that stopReason
   *status-CODE      that HTTP status with {"message"} and x-amzn-errortype
   *throttled        a stream: some text, then a throttlingException exception event
+  *thinking         a signed reasoningContent block (THOUGHT, SIGNATURE) before the text; 400 unless
+                    additionalModelRequestFields.thinking is enabled with a budget below maxTokens
 Streams are written a few bytes at a time, so frames arrive split at arbitrary places.
 
 Bedrock's Anthropic API, for the native passthrough (the same signature check and model ids):
@@ -60,6 +62,7 @@ TEXT = "".join(WORDS)
 USAGE = {"inputTokens": 12, "outputTokens": 6, "totalTokens": 18}
 CACHE_USAGE = {"inputTokens": 5, "outputTokens": 6, "totalTokens": 311, "cacheReadInputTokens": 200,
                "cacheWriteInputTokens": 100}
+THOUGHT, SIGNATURE = "Thinking it over.", "sig-bedrock-1"
 TOOLS = [("tooluse_01", "get_weather", {"city": "Paris"}), ("tooluse_02", "get_time", {"tz": "Europe/Paris"})]
 ERROR_TYPES = {400: "ValidationException", 403: "AccessDeniedException", 404: "ResourceNotFoundException",
                429: "ThrottlingException", 500: "InternalServerException", 503: "ServiceUnavailableException"}
@@ -214,9 +217,16 @@ class MockBedrock(MockServer):
         if "status-" in model:
             status = int(model.rsplit("status-", 1)[1])
             return self.error(status, ERROR_TYPES.get(status, "InternalServerException"), f"mock error {status}")
+        if "thinking" in model:
+            thinking = (body.get("additionalModelRequestFields") or {}).get("thinking") or {}
+            budget, limit = thinking.get("budget_tokens"), (body.get("inferenceConfig") or {}).get("maxTokens")
+            if thinking.get("type") != "enabled" or not isinstance(limit, int) or not budget or budget >= limit:
+                return self.error(400, "ValidationException", "thinking needs a budget_tokens below maxTokens")
         if request.path.endswith("/converse-stream"):
             return await self.stream(request, model)
         content: list[dict[str, Any]] = [{"text": "Let me check." if "tools" in model else TEXT}]
+        if "thinking" in model:
+            content.insert(0, {"reasoningContent": {"reasoningText": {"text": THOUGHT, "signature": SIGNATURE}}})
         if "tools" in model:
             content += [{"toolUse": {"toolUseId": i, "name": n, "input": a}} for i, n, a in TOOLS]
         answer = {"output": {"message": {"role": "assistant", "content": content}},
@@ -226,12 +236,21 @@ class MockBedrock(MockServer):
 
     def events(self, model: str) -> list[bytes]:
         out = [event("messageStart", {"role": "assistant"})]
+        text_index = 0
+        if "thinking" in model:
+            text_index = 1
+            for piece in (THOUGHT[:8], THOUGHT[8:]):
+                out.append(event("contentBlockDelta", {"contentBlockIndex": 0,
+                                                       "delta": {"reasoningContent": {"text": piece}}}))
+            out.append(event("contentBlockDelta", {"contentBlockIndex": 0,
+                                                   "delta": {"reasoningContent": {"signature": SIGNATURE}}}))
+            out.append(event("contentBlockStop", {"contentBlockIndex": 0}))
         words = ["Let", " me", " check."] if "tools" in model else WORDS
         for word in words:
-            out.append(event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": word}}))
+            out.append(event("contentBlockDelta", {"contentBlockIndex": text_index, "delta": {"text": word}}))
         if model.endswith("throttled"):
             return out + [exception("throttlingException", "Too many requests, please wait before trying again.")]
-        out.append(event("contentBlockStop", {"contentBlockIndex": 0}))
+        out.append(event("contentBlockStop", {"contentBlockIndex": text_index}))
         if "tools" in model:
             for index, (tool_id, name, args) in enumerate(TOOLS, start=1):
                 out.append(event("contentBlockStart", {"contentBlockIndex": index,

@@ -37,7 +37,7 @@ from proxy.settings import Provider, Timeouts
 from proxy.upstream import UpstreamClient
 from tests.conftest import KEY, WEATHER_TOOLS, GatewayProcess, module_gateway, server_fixtures
 from tests.conftest import openai_client as client
-from tests.mock_bedrock import TEXT, TOOLS, MockBedrock, event, exception, frame
+from tests.mock_bedrock import SIGNATURE, TEXT, THOUGHT, TOOLS, MockBedrock, event, exception, frame
 
 HI = [{"role": "user", "content": "hi"}]
 PRICES = {"input": 3.0, "output": 15.0, "cached_input": 0.3}
@@ -267,11 +267,49 @@ def test_from_converse():
     assert out["choices"][0]["finish_reason"] == "tool_calls"
     assert out["choices"][0]["message"] == {
         "role": "assistant", "content": "Let me check.", "reasoning_content": "hmm",
+        "thinking_blocks": [{"type": "thinking", "thinking": "hmm", "signature": "s"}],
         "tool_calls": [{"id": "tu1", "type": "function",
                         "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]}
     usage = out["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (305, 7, 312)
     assert usage["prompt_tokens_details"] == {"cached_tokens": 200, "cache_creation_tokens": 100}
+
+
+def test_thinking_request_and_signed_blocks_back():
+    out = to_converse({"messages": HI, "reasoning_effort": "medium"})
+    assert out["additionalModelRequestFields"] == {"thinking": {"type": "enabled", "budget_tokens": 4096}}
+    assert out["inferenceConfig"] == {"maxTokens": 4096 + 4096}  # above the budget, as Claude requires
+    given = {"type": "enabled", "budget_tokens": 2000}
+    out = to_converse({"messages": HI, "thinking": given, "max_tokens": 3000})
+    assert out["additionalModelRequestFields"]["thinking"] == given and out["inferenceConfig"]["maxTokens"] == 3000
+    assert "inferenceConfig" not in to_converse({"messages": HI})  # no limit given, no thinking: Bedrock's own
+    with pytest.raises(BadRequest, match="reasoning_effort"):
+        to_converse({"messages": HI, "reasoning_effort": "extreme"})
+    # multi-turn with tools: the signed blocks of the last answer go back first in its turn
+    answer = {"role": "assistant", "content": None, "reasoning_content": "hmm",
+              "thinking_blocks": [{"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                                  {"type": "redacted_thinking", "data": "b64=="}],
+              "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    turns = to_converse({"messages": [*HI, answer, {"role": "tool", "tool_call_id": "t1", "content": "ok"}],
+                         "thinking": given})["messages"]
+    assert turns[1]["content"] == [
+        {"reasoningContent": {"reasoningText": {"text": "hmm", "signature": "sig"}}},
+        {"reasoningContent": {"redactedContent": "b64=="}},
+        {"toolUse": {"toolUseId": "t1", "name": "f", "input": {}}}]
+
+
+def test_stream_translator_thinking():
+    translator = StreamTranslator("m")
+    messages = [event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": "Let "}}}),
+                event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": "me."}}}),
+                event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"signature": "sg"}}}),
+                event("contentBlockStop", {"contentBlockIndex": 0}),
+                event("contentBlockDelta", {"contentBlockIndex": 1, "delta": {"text": "Hi"}})]
+    out = translator.feed(EventStreamDecoder().feed(b"".join(messages)))
+    deltas = [orjson.loads(e[6:])["choices"][0]["delta"] for e in out.split(b"\n\n") if e.startswith(b"data: {")]
+    assert [d.get("reasoning_content") for d in deltas[1:3]] == ["Let ", "me."]
+    assert deltas[3] == {"thinking_blocks": [{"type": "thinking", "thinking": "Let me.", "signature": "sg"}]}
+    assert deltas[4] == {"content": "Hi"}
 
 
 @pytest.mark.parametrize(("reason", "finish"), [
@@ -379,6 +417,8 @@ def gw(mock_upstream, bedrock_mock: MockBedrock, tmp_path_factory: pytest.TempPa
             {"name": "haiku-tools", "provider": "bedrock", "model": "anthropic.claude-tools-v1:0", "prices": PRICES},
             {"name": "haiku-throttled", "provider": "bedrock", "model": "anthropic.claude-throttled", "prices": PRICES},
             {"name": "haiku-429", "provider": "bedrock", "model": "anthropic.claude-status-429"},
+            {"name": "haiku-thinking", "provider": "bedrock", "model": "anthropic.claude-thinking-v1:0",
+             "prices": PRICES},
             {"name": "haiku-wrong", "provider": "bedrock-wrong", "model": HAIKU},
         ],
     )
@@ -417,6 +457,29 @@ def test_e2e_text_stream_with_usage(gw, bmock):
     assert (record["prompt_tokens"], record["completion_tokens"]) == (12, 6)
     assert record["cost"] == pytest.approx((12 * 3.0 + 6 * 15.0) / 1e6)
     assert record["completion_message"] == {"role": "assistant", "content": TEXT}
+
+
+def test_e2e_thinking(gw, bmock):
+    message = client(gw).chat.completions.create(model="haiku-thinking", messages=HI,
+                                                 reasoning_effort="low").choices[0].message
+    assert message.content == TEXT
+    extra = message.model_extra
+    assert extra["reasoning_content"] == THOUGHT
+    assert extra["thinking_blocks"] == [{"type": "thinking", "thinking": THOUGHT, "signature": SIGNATURE}]
+    assert bmock.last()["body"]["additionalModelRequestFields"]["thinking"] == {"type": "enabled",
+                                                                               "budget_tokens": 1024}
+    chunks = list(client(gw).chat.completions.create(model="haiku-thinking", messages=HI, stream=True,
+                                                     reasoning_effort="low"))
+    deltas = [c.choices[0].delta.model_extra for c in chunks if c.choices]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == THOUGHT
+    assert [b for d in deltas for b in d.get("thinking_blocks") or []] == extra["thinking_blocks"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
+    # the next turn sends the signed block back, as Claude needs with tools
+    history = [*HI, {"role": "assistant", "content": TEXT, "thinking_blocks": extra["thinking_blocks"]},
+               {"role": "user", "content": "and?"}]
+    client(gw).chat.completions.create(model="haiku-thinking", messages=history, reasoning_effort="low")
+    assert bmock.last()["body"]["messages"][1]["content"][0] == {
+        "reasoningContent": {"reasoningText": {"text": THOUGHT, "signature": SIGNATURE}}}
 
 
 def test_e2e_cache_usage_stream(gw, bmock):

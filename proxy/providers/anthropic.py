@@ -66,7 +66,7 @@ Response
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -190,7 +190,7 @@ def _tool_use(call: Any, where: str) -> dict[str, Any]:
     return {"type": "tool_use", "id": tool_call_id(call, where, _bad), "name": name, "input": arguments}
 
 
-def _thinking_blocks(blocks: Any) -> list[dict[str, Any]]:
+def thinking_blocks(blocks: Any) -> list[dict[str, Any]]:
     out = []
     for block in blocks if isinstance(blocks, list) else ():
         if not isinstance(block, dict):
@@ -221,7 +221,7 @@ def _system_and_turns(messages: list[Any]) -> tuple[list[dict[str, Any]], list[d
         if role == "user":
             blocks = _blocks(message.get("content"), where)
         elif role == "assistant":
-            blocks = _thinking_blocks(message.get("thinking_blocks"))
+            blocks = thinking_blocks(message.get("thinking_blocks"))
             blocks += _blocks(message.get("content"), where)
             tool_calls = message.get("tool_calls") or []
             if not isinstance(tool_calls, list):
@@ -307,6 +307,31 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
     return result
 
 
+def thinking_config(body: dict[str, Any], bad: Callable[[str], BadRequest]) -> Any:
+    """Claude's `thinking`: the client's own, else one from `reasoning_effort` (None: no thinking)."""
+    thinking = body.get("thinking")
+    effort = body.get("reasoning_effort")
+    if thinking is None and effort is not None and effort != "none":
+        budget = EFFORT_BUDGETS.get(effort) if isinstance(effort, str) else None
+        if budget is None:
+            raise bad(f"reasoning_effort must be one of none, {', '.join(EFFORT_BUDGETS)}")
+        thinking = {"type": "enabled", "budget_tokens": budget}
+    return thinking
+
+
+def max_tokens_for(body: dict[str, Any], thinking: Any) -> Any:
+    """max_completion_tokens, else max_tokens, else the default (raised above a thinking budget)."""
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+        budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+        if isinstance(budget, int) and budget >= max_tokens:
+            max_tokens = budget + DEFAULT_MAX_TOKENS
+    return max_tokens
+
+
 def to_anthropic(body: dict[str, Any], model: str, *, stream: bool = False, sampling: bool = True) -> dict[str, Any]:
     """An OpenAI chat request body (gateway params already removed) -> a Messages request body.
 
@@ -323,22 +348,8 @@ def to_anthropic(body: dict[str, Any], model: str, *, stream: bool = False, samp
             out["system"] = system
     out["messages"] = turns
 
-    thinking = body.get("thinking")
-    effort = body.get("reasoning_effort")
-    if thinking is None and effort is not None and effort != "none":
-        budget = EFFORT_BUDGETS.get(effort) if isinstance(effort, str) else None
-        if budget is None:
-            raise _bad(f"reasoning_effort must be one of none, {', '.join(EFFORT_BUDGETS)}")
-        thinking = {"type": "enabled", "budget_tokens": budget}
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = DEFAULT_MAX_TOKENS
-        budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
-        if isinstance(budget, int) and budget >= max_tokens:
-            max_tokens = budget + DEFAULT_MAX_TOKENS
-    out["max_tokens"] = max_tokens
+    thinking = thinking_config(body, _bad)
+    out["max_tokens"] = max_tokens_for(body, thinking)
     if thinking is not None:
         out["thinking"] = thinking
 

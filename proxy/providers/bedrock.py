@@ -25,7 +25,10 @@ Request
 - Assistant `tool_calls` -> `toolUse` {toolUseId, name, input}; `tool` messages -> `toolResult`
   {toolUseId, content: [text | json | image]}.
 - max_completion_tokens / max_tokens -> inferenceConfig.maxTokens; temperature; top_p -> topP;
-  stop -> stopSequences. top_k and `thinking` -> additionalModelRequestFields (Anthropic models).
+  stop -> stopSequences. top_k and `thinking` (or one from `reasoning_effort`, as for Anthropic)
+  -> additionalModelRequestFields; with thinking on and no limit given, maxTokens is budget + 4096.
+- Assistant `thinking_blocks` (signed, as this module returns them) -> reasoningContent blocks
+  first in their turn, so a conversation with thinking and tools keeps its signatures.
 - tools -> toolConfig.tools[].toolSpec {name, description, inputSchema.json}; tool_choice auto
   -> {auto:{}}, required -> {any:{}}, {function:{name}} -> {tool:{name}}; "none" sends no
   toolConfig unless the conversation holds tool blocks (Bedrock then requires it; no toolChoice).
@@ -33,7 +36,10 @@ Request
   (usage is always streamed), and any other field Converse has no place for.
 
 Response
-- text blocks joined -> content; toolUse -> tool_calls; reasoningContent -> reasoning_content.
+- text blocks joined -> content; toolUse -> tool_calls; reasoningContent -> reasoning_content,
+  and the signed (or redacted) blocks -> `thinking_blocks` [{type: thinking, thinking, signature} |
+  {type: redacted_thinking, data}]; a stream sends each one whole as `delta.thinking_blocks` at its
+  contentBlockStop.
 - stopReason: end_turn / stop_sequence -> stop, max_tokens / model_context_window_exceeded ->
   length, tool_use -> tool_calls, guardrail_intervened / content_filtered -> content_filter.
 - usage: prompt_tokens = inputTokens + cacheReadInputTokens + cacheWriteInputTokens;
@@ -68,7 +74,7 @@ import orjson
 from proxy.call import Call, Reply, Target
 from proxy.errors import BadRequest
 from proxy.providers import bedrock_anthropic as native
-from proxy.providers.anthropic import openai_usage
+from proxy.providers.anthropic import max_tokens_for, openai_usage, thinking_blocks, thinking_config
 from proxy.providers.common import (
     chunk_event,
     content_parts,
@@ -200,6 +206,29 @@ def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
     return {"toolResult": {"toolUseId": tool_call_id, "content": inner}}
 
 
+def _reasoning_blocks(given: Any) -> list[dict[str, Any]]:
+    """An assistant message's signed `thinking_blocks` (as this adapter returns them) -> Converse
+    reasoningContent blocks, which Claude needs back in a conversation with thinking and tools."""
+    out: list[dict[str, Any]] = []
+    for block in thinking_blocks(given):
+        if block["type"] == "thinking":
+            out.append({"reasoningContent": {"reasoningText": {"text": block["thinking"],
+                                                               "signature": block["signature"]}}})
+        else:
+            out.append({"reasoningContent": {"redactedContent": block["data"]}})
+    return out
+
+
+def _thinking_block(reasoning: dict[str, Any]) -> dict[str, Any] | None:
+    """A Converse reasoningContent -> a `thinking_blocks` entry (None without a signature or data)."""
+    text = reasoning.get("reasoningText")
+    if isinstance(text, dict) and text.get("signature"):
+        return {"type": "thinking", "thinking": text.get("text") or "", "signature": text["signature"]}
+    if reasoning.get("redactedContent"):
+        return {"type": "redacted_thinking", "data": reasoning["redactedContent"]}
+    return None
+
+
 def _system_and_turns(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
@@ -219,7 +248,8 @@ def _system_and_turns(messages: list[Any]) -> tuple[list[dict[str, Any]], list[d
         if role == "user":
             blocks = _blocks(message.get("content"), where)
         elif role == "assistant":
-            blocks = _blocks(message.get("content"), where)
+            blocks = _reasoning_blocks(message.get("thinking_blocks"))
+            blocks += _blocks(message.get("content"), where)
             tool_calls = message.get("tool_calls") or []
             if not isinstance(tool_calls, list):
                 raise _bad(f"{where}.tool_calls must be an array")
@@ -288,9 +318,9 @@ def to_converse(body: dict[str, Any]) -> dict[str, Any]:
     if system:
         out["system"] = system
     inference: dict[str, Any] = {}
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
+    thinking = thinking_config(body, _bad)
+    given = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = max_tokens_for(body, thinking) if given is not None or isinstance(thinking, dict) else None
     if max_tokens is not None:
         inference["maxTokens"] = max_tokens
     if body.get("temperature") is not None:
@@ -310,8 +340,8 @@ def to_converse(body: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if body.get("top_k") is not None:
         extra["top_k"] = body["top_k"]
-    if isinstance(body.get("thinking"), dict):
-        extra["thinking"] = body["thinking"]
+    if isinstance(thinking, dict):
+        extra["thinking"] = thinking
     if extra:
         out["additionalModelRequestFields"] = extra
     return out
@@ -343,6 +373,7 @@ def from_converse(data: dict[str, Any], model: str = "") -> dict[str, Any]:
     message_in = output.get("message") if isinstance(output.get("message"), dict) else {}
     texts: list[str] = []
     reasoning: list[str] = []
+    signed: list[dict[str, Any]] = []
     tool_calls: list[dict[str, Any]] = []
     for block in message_in.get("content") or ():
         if not isinstance(block, dict):
@@ -357,11 +388,16 @@ def from_converse(data: dict[str, Any], model: str = "") -> dict[str, Any]:
             text = (block["reasoningContent"].get("reasoningText") or {}).get("text")
             if isinstance(text, str):
                 reasoning.append(text)
+            thinking = _thinking_block(block["reasoningContent"])
+            if thinking is not None:
+                signed.append(thinking)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
     if tool_calls:
         message["tool_calls"] = tool_calls
     if reasoning:
         message["reasoning_content"] = "".join(reasoning)
+    if signed:
+        message["thinking_blocks"] = signed
     return {
         "id": f"chatcmpl-bedrock-{time.time_ns():x}",
         "object": "chat.completion",
@@ -409,7 +445,7 @@ def stream_error_event(kind: str, message: str) -> bytes:
 class StreamTranslator(EventStreamReader):
     """Converse stream events in, OpenAI chat.completion.chunk SSE bytes out."""
 
-    __slots__ = ("id", "model", "created", "opened", "stop_reason", "_tools")
+    __slots__ = ("id", "model", "created", "opened", "stop_reason", "_tools", "_reasoning")
 
     def __init__(self, model: str) -> None:
         super().__init__()
@@ -419,6 +455,7 @@ class StreamTranslator(EventStreamReader):
         self.opened = False
         self.stop_reason: str | None = None
         self._tools: dict[int, int] = {}  # contentBlockIndex -> tool_calls index
+        self._reasoning: dict[int, dict[str, Any]] = {}  # contentBlockIndex -> reasoningContent so far
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return chunk_event(self.id, self.created, self.model, delta, finish)
@@ -458,9 +495,22 @@ class StreamTranslator(EventStreamReader):
                 if piece and index in self._tools:
                     self._delta(out, {"tool_calls": [{"index": self._tools[index], "function": {"arguments": piece}}]})
             elif isinstance(delta.get("reasoningContent"), dict):
-                text = delta["reasoningContent"].get("text")
+                piece = delta["reasoningContent"]
+                block = self._reasoning.setdefault(index, {"reasoningText": {"text": "", "signature": ""}})
+                text = piece.get("text")
                 if text:
+                    block["reasoningText"]["text"] += text
                     self._delta(out, {"reasoning_content": text})
+                if piece.get("signature"):
+                    block["reasoningText"]["signature"] += piece["signature"]
+                if piece.get("redactedContent"):
+                    block["redactedContent"] = piece["redactedContent"]
+        elif kind == "contentBlockStop":
+            # a reasoning block is sent once more whole, signed, so it can go back in the next turn
+            reasoning = self._reasoning.pop(event.get("contentBlockIndex", 0), None)
+            thinking = _thinking_block(reasoning) if reasoning is not None else None
+            if thinking is not None:
+                self._delta(out, {"thinking_blocks": [thinking]})
         elif kind == "contentBlockStart":
             start = event.get("start") or {}
             use = start.get("toolUse")
@@ -473,7 +523,7 @@ class StreamTranslator(EventStreamReader):
             self._delta(out, {}, finish_reason(self.stop_reason))
         elif kind == "metadata":
             self._end(out, event.get("usage"))
-        # messageStart, contentBlockStop and unknown events: nothing to send
+        # messageStart and unknown events: nothing to send
 
     def finish(self) -> bytes:
         """The body ended: a stream that lacks only `metadata` is closed without usage numbers."""
