@@ -230,8 +230,14 @@ class Gateway:
         if call.endpoint in COUNT_TOKENS:
             return  # counting tokens costs nothing
         target = call.target
-        if target is not None and target.prices is not None:
+        if target is None:
+            return
+        if target.prices is not None:
             call.cost = target.prices.cost(call.usage)
+        elif call.usage.total_tokens:  # tokens no price is known for: say so, never a silent 0
+            warning = f"no price known for {target.provider}/{target.model}: cost not computed"
+            if warning not in call.warnings:
+                call.warnings.append(warning)
 
     def finish(self, call: Call) -> None:
         """Once per Call: cost, finish hooks, the log record, metrics. No I/O waits here."""

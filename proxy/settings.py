@@ -164,7 +164,8 @@ def embedded_defaults() -> dict[str, Any]:
     """What `llmrelay serve` runs with no config: the demo provider and the demo key."""
     return {
         "providers": [{"id": "demo", "protocol": "demo"}],
-        "models": [{"name": "demo", "provider": "demo", "model": "llmrelay-demo-1", "aliases": ["demo-model"]}],
+        "models": [{"name": "demo", "provider": "demo", "model": "llmrelay-demo-1", "aliases": ["demo-model"],
+                    "prices": {"input": 0, "output": 0}}],  # free: a known price of 0
         "keys": [{"name": "demo", "key_hash": hash_key(DEMO_KEY), "environment": "test"}],
     }
 

@@ -473,3 +473,16 @@ def test_sigterm_with_a_stream_in_flight_still_drains_within_the_deadline(start_
     assert rows[stream_id]["completion_tokens"] >= 3
     assert rc == 0
     assert took < 0.5 + 15, f"shutdown took {took:.1f}s with shutdown_timeout 0.5s (granian's kill comes at +15 s)"
+
+
+def test_unpriced_model_says_so_in_warnings(gateway, mock):
+    """Tokens of a model no price is known for: cost 0, and the log says why (never a silent 0)."""
+    response = httpx.post(f"{gateway.url}/api/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "mock/unpriced-model", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200
+    record = gateway.record(response.headers["x-respan-log-id"])
+    assert record["prompt_tokens"] > 0 and record["cost"] == 0
+    assert record["warnings"] == ["no price known for mock/unpriced-model: cost not computed"]
+    response = httpx.post(f"{gateway.url}/api/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
+    assert gateway.record(response.headers["x-respan-log-id"])["warnings"] is None  # priced: no warning

@@ -216,7 +216,8 @@ def test_api_version_2026_drops_sampling_params(gw, amock):
     assert "temperature" not in request["body"] and "top_p" not in request["body"]
     record = gw.record(raw.headers["x-respan-log-id"])
     assert record["warnings"] == ["temperature, top_p and top_k are not sent: anthropic-version 2026-10-21 "
-                                  "does not accept them"]
+                                  "does not accept them",
+                                  "no price known for anthropic-next/claude-x: cost not computed"]
 
 
 def test_images_url_and_base64(gw, amock):
@@ -515,7 +516,7 @@ def test_overloaded_error_inside_stream(gw, amock):
     assert record["error_message"] == "503: Overloaded"
     # message_start's input tokens; one output token per delta sent
     assert (record["prompt_tokens"], record["completion_tokens"]) == (12, 6)
-    assert not record["warnings"]
+    assert record["warnings"] == ["no price known for anthropic/claude-stream-error: cost not computed"]
 
 
 def test_overloaded_error_as_first_stream_event(gw, amock):

@@ -180,7 +180,8 @@ def test_stream_cut_mid_way_sdk(gateway, mock):
     assert record["error_message"] == info.value.message
     assert record["completion_tokens"] == 3  # estimated: one token per content delta
     assert record["prompt_tokens"] == 1  # estimated: "hi" is about one token
-    assert record["warnings"] == ["usage estimated: the stream ended before the provider reported usage"]
+    assert record["warnings"] == ["usage estimated: the stream ended before the provider reported usage",
+                                  "no price known for mock/mock-cut-3: cost not computed"]
     assert record["completion_message"] == {"role": "assistant", "content": "".join(WORDS[:3])}
 
 
@@ -214,7 +215,8 @@ def test_stream_without_done_or_finish_reason(gateway, mock):
     assert record["status_code"] == 502
     assert record["error_message"] == "provider 'mock' ended the stream early"
     assert record["completion_tokens"] == len(WORDS)
-    assert record["warnings"] == ["usage estimated: the stream ended before the provider reported usage"]
+    assert record["warnings"] == ["usage estimated: the stream ended before the provider reported usage",
+                                  "no price known for mock/mock-no-done: cost not computed"]
 
     with pytest.raises(openai.APIError) as info:
         list(client(gateway).chat.completions.create(model="mock/mock-no-done", messages=HI, stream=True))
