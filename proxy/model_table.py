@@ -29,7 +29,12 @@ from proxy.settings import ConfigError, Provider, Settings
 from proxy.settings import Prices as PriceConfig
 
 MAX_ALIAS_DEPTH = 8
-CREDENTIAL_FIELDS = {"demo": [], "azure": ["api_key", "api_base", "api_version"]}  # others: api_key
+CREDENTIAL_FIELDS = {  # by protocol (spec 3.2); others: api_key
+    "demo": [],
+    "azure": ["api_key", "api_base", "api_version"],
+    "vertex_ai": ["vertex_ai_project", "vertex_ai_location", "vertex_ai_credentials"],
+    "bedrock": ["aws_access_key_id", "aws_secret_access_key", "aws_region_name"],
+}
 
 
 def spec_prices(spec: ModelSpec) -> Prices:
@@ -183,15 +188,15 @@ class ModelTable:
             if spec.provider in self.serving and key not in out:
                 out[key] = self._describe(key, self._target(
                     self.serving[spec.provider], spec.name, spec_prices(spec)
-                ), spec.context_window)
+                ))
         return list(out.values())
 
-    def _describe(self, name: str, target: Target, context_window: int | None = None) -> dict[str, Any]:
+    def _describe(self, name: str, target: Target) -> dict[str, Any]:
         prices = target.prices or Prices()
-        spec = self.catalog.providers.get(target.provider)
+        spec = self.catalog.providers.get(self.catalog_ids.get(target.provider) or target.provider)
         return {
             "model_name": name,
-            "max_context_window": context_window,
+            "max_context_window": target.context_window,
             "input_cost": prices.input,
             "output_cost": prices.output,
             "prompt_cost": prices.input,

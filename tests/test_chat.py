@@ -406,8 +406,11 @@ def test_public_models(gateway):
         assert model["output_cost"] == 2.0
         assert model["provider"]["provider_id"] == "mock"
     assert by_name["down-model"]["provider"]["provider_id"] == "refused"
-    # catalog models of the configured catalog provider (`openai`) are listed too
+    # catalog models of the configured catalog provider (`openai`) are listed too, with their windows
     assert any(m["provider"]["provider_id"] == "openai" for m in data["models"])
+    assert by_name["openai/gpt-4o"]["max_context_window"] == 128000
+    assert by_name["openai/gpt-4o"]["provider"]["provider_name"] == "OpenAI"
+    assert by_name["gpt-test"]["max_context_window"] is None  # configured without one, not in the catalog
     # catalog models of providers this gateway does not have are not
     assert not any(m["provider"]["provider_id"] == "groq" for m in data["models"])
 

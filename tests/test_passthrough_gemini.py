@@ -387,3 +387,14 @@ def test_context_window_skips_a_model_the_prompt_does_not_fit(gw, gmock):
     assert [r["model"] for r in gmock.requests] == ["gm-text"]  # gm-small-window was never called
     record = gw.records(count=1, where="customer_identifier = ?", args=("gm-window",))[-1]
     assert "exceeds its context window of 50" in record["warnings"][0]
+
+
+def test_public_models_know_windows_and_native_provider_names(gw):
+    by_name = {m["model_name"]: m for m in httpx.get(f"{gw.url}/api/models/public").json()["models"]}
+    assert by_name["gem-small"]["max_context_window"] == 50  # configured
+    assert by_name["gem"]["provider"]["provider_name"] == "Google Gemini"
+    vertex = by_name["vertex_ai/claude-sonnet-4-5@20250929"]  # a catalog model of the provider `vertex`
+    assert vertex["provider"] == {"provider_name": "Google Vertex AI", "provider_id": "vertex",
+                                  "moderation": "Unfiltered", "credential_fields": [
+                                      "vertex_ai_project", "vertex_ai_location", "vertex_ai_credentials"]}
+    assert (vertex["input_cost"], vertex["output_cost"], vertex["max_context_window"]) == (3.0, 15.0, 200000)
