@@ -101,12 +101,77 @@ def test_prices_non_negative(catalog: Catalog) -> None:
 
 
 def test_claude_cache_writes_are_five_minute_rate(catalog: Catalog) -> None:
-    """Claude (Anthropic, Vertex, Bedrock): 5-minute cache writes at 1.25x input, reads at 0.1x."""
+    """Claude (Anthropic, Vertex, Bedrock): 5-minute cache writes at 1.25x input; cache reads are
+    priced and at most 0.1x input (0.1x on most models, less on some: Sonnet 5.5 0.05x, Fable 5.1
+    0.025x)."""
     claude = [m for m in catalog.models.values() if "claude" in m.name]
     assert {m.provider for m in claude} >= {"anthropic", "vertex_ai", "bedrock"}
     for m in claude:
         assert m.cache_write == pytest.approx(m.input * 1.25), m.key
-        assert m.cached_input == pytest.approx(m.input * 0.1), m.key
+        assert m.cached_input is not None and 0 < m.cached_input <= m.input * 0.1 + 1e-9, m.key
+    # the older models keep the 0.1x rate
+    for key in ("anthropic/claude-sonnet-4-5", "anthropic/claude-haiku-4-5", "vertex_ai/claude-opus-4-5@20251101",
+                "bedrock/anthropic.claude-sonnet-4-5-20250929-v1:0"):
+        assert catalog.models[key].cached_input == pytest.approx(catalog.models[key].input * 0.1), key
+
+
+def test_claude_is_priced_alike_on_every_provider(catalog: Catalog) -> None:
+    """A Claude model listed on Vertex AI or Bedrock carries the Anthropic API's prices."""
+    for m in catalog.models.values():
+        parts = claude_name(m.name)
+        if parts is None or m.provider == "anthropic":
+            continue
+        first_party = catalog.spec("anthropic", parts[0])
+        if first_party is None or claude_name(first_party.name)[0] != parts[0]:
+            continue  # retired on Anthropic's API (e.g. Opus 4.1), still served by the partner
+        assert (m.input, m.output, m.cached_input, m.cache_write, m.context_window) == (
+            first_party.input, first_party.output, first_party.cached_input, first_party.cache_write,
+            first_party.context_window), m.key
+
+
+@pytest.mark.parametrize(("key", "prices", "window"), [
+    # (input, output, cached_input, cache_write) per 1M tokens, as of November 2026
+    ("anthropic/claude-sonnet-5-5", (2.00, 10.00, 0.10, 2.50), 1_000_000),
+    ("anthropic/claude-opus-5-5", (4.00, 20.00, 0.20, 5.00), 1_000_000),
+    ("anthropic/claude-haiku-5-5", (0.10, 0.50, 0.01, 0.125), 1_000_000),
+    ("anthropic/claude-opus-4-6", (5.00, 25.00, 0.50, 6.25), 1_000_000),
+    ("vertex_ai/claude-sonnet-5-5", (2.00, 10.00, 0.10, 2.50), 1_000_000),
+    ("bedrock/us.anthropic.claude-haiku-5-5", (0.10, 0.50, 0.01, 0.125), 1_000_000),
+    ("openai/gpt-6.2-sol", (2.00, 10.00, 0.10, 2.50), 1_050_000),
+    ("openai/gpt-6-astra", (10.00, 50.00, 1.00, 12.50), 1_050_000),
+    ("gemini/gemini-3.8-flash", (0.75, 3.75, 0.075, None), 1_048_576),
+    ("gemini/gemini-3.1-pro-preview", (2.00, 12.00, 0.20, None), 1_048_576),
+    ("gemini/gemini-embedding-2", (0.20, 0.00, None, None), 8192),
+    ("deepseek/deepseek-v4-pro", (1.32, 3.96, 0.044, None), 1_000_000),
+    ("xai/grok-4.7", (2.00, 6.00, 0.50, None), 500_000),
+    ("mistral/mistral-medium-latest", (1.50, 7.50, None, None), 262_144),
+])
+def test_current_models_and_prices(catalog: Catalog, key, prices, window) -> None:
+    m = catalog.models[key]
+    assert (m.input, m.output, m.cached_input, m.cache_write) == pytest.approx(prices), key
+    assert m.context_window == window, key
+
+
+@pytest.mark.parametrize("key", [
+    "anthropic/claude-opus-4-1",  # retired on Anthropic's API (still on Vertex AI and Bedrock)
+    "anthropic/claude-sonnet-4-0",
+    "gemini/gemini-3-pro-preview",  # shut down 2026-03-09
+    "gemini/gemini-2.0-flash",  # shut down 2026-06-01
+    "deepseek/deepseek-chat",  # retired 2026-07-24
+    "deepseek/deepseek-reasoner",
+    "cerebras/llama-3.3-70b",
+])
+def test_retired_models_are_gone(catalog: Catalog, key) -> None:
+    assert key not in catalog.models
+
+
+def test_new_claude_ids_on_vertex_and_bedrock(catalog: Catalog) -> None:
+    """The undated partner ids of newer Claude models; a Bedrock inference profile comes first."""
+    assert catalog.model_on("vertex_ai", "claude-sonnet-5-5") == "claude-sonnet-5-5"
+    assert catalog.model_on("bedrock", "claude-sonnet-5-5") == "us.anthropic.claude-sonnet-5-5"
+    assert catalog.model_on("bedrock", "claude-opus-4-6") == "us.anthropic.claude-opus-4-6-v1"
+    assert catalog.spec("bedrock", "claude-haiku-5-5").name == "us.anthropic.claude-haiku-5-5"
+    assert claude_name("anthropic.claude-opus-4-6-v1") == ("claude-opus-4-6", None)
 
 
 def test_vertex_and_bedrock_models(catalog: Catalog) -> None:
