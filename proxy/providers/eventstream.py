@@ -8,6 +8,7 @@ EventStreamReader walks the decoded messages (events, exceptions, errors) for a 
 
 from __future__ import annotations
 
+import abc
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
@@ -137,7 +138,7 @@ def exception_message(payload: bytes) -> str:
     return message if isinstance(message, str) else ""
 
 
-class EventStreamReader:
+class EventStreamReader(abc.ABC):
     """Reads decoded messages until its stream is done or failed, and returns the bytes its client
     gets. A subclass says what an event becomes (`_event`) and what ends the stream on an exception
     or error message (`_failure`); it sets `done` itself."""
@@ -166,8 +167,10 @@ class EventStreamReader:
                 self._event(out, headers.get(":event-type"), payload)
         return b"".join(out)
 
+    @abc.abstractmethod
     def _event(self, out: list[bytes], event_type: Any, payload: bytes) -> None:
-        raise NotImplementedError
+        """Append what one event message becomes to `out`."""
 
+    @abc.abstractmethod
     def _failure(self, kind: str, message: str) -> bytes:
-        raise NotImplementedError
+        """The bytes that end the stream on an exception or error message."""
