@@ -52,12 +52,15 @@ from proxy.metrics import Metrics
 from proxy.pipeline import Next, StageContext
 from proxy.settings import Cooldowns as CooldownPolicy
 from proxy.sse_anthropic import ERROR_STATUS as ANTHROPIC_ERROR_STATUS
+from proxy.sse_responses import ERROR_STATUS as RESPONSES_ERROR_STATUS
 from proxy.state.cooldowns import Cooldowns
 from proxy.upstream import UpstreamStreamError
 
 DEFAULT_STATUSES: tuple[int | str, ...] = (408, 409, 429, "5xx")
 GATEWAY_FAILOVER = {502: "connection", 504: "timeout"}  # GatewayErrors that are a candidate's failure
 CONTEXT_LENGTH_MARKERS = ("context_length_exceeded", "maximum context length", "context window", "prompt is too long")
+# Responses API events that open a stream before any output or failure: peek past them
+LIFECYCLE_EVENTS = frozenset({b"event: response.created", b"event: response.in_progress", b"event: response.queued"})
 MAX_PEEK_BYTES = 64 * 1024  # stop looking for the first data event after this much (comments, keep-alives)
 _now = time.perf_counter  # module globals, so the unit tests can run the loop on a fake clock
 _sleep = asyncio.sleep
@@ -159,7 +162,9 @@ def is_context_length(data: Any) -> bool:
 
 
 def _first_data(buffer: bytes) -> bytes | None:
-    """The payload of the first complete SSE event that has a data line; None if none is complete."""
+    """The payload of the first complete SSE event that says something: it has a data line and is
+    not one of the Responses API's lifecycle events (which come before any output or failure);
+    None if there is none yet."""
     if b"\r" in buffer:
         buffer = buffer.replace(b"\r\n", b"\n")
     start = 0
@@ -167,10 +172,34 @@ def _first_data(buffer: bytes) -> bytes | None:
         end = buffer.find(b"\n\n", start)
         if end == -1:
             return None
-        lines = [line[5:].lstrip(b" ") for line in buffer[start:end].split(b"\n") if line.startswith(b"data:")]
-        if lines:
+        block = buffer[start:end].split(b"\n")
+        lines = [line[5:].lstrip(b" ") for line in block if line.startswith(b"data:")]
+        if lines and not any(line in LIFECYCLE_EVENTS for line in block):
             return b"\n".join(lines)
         start = end + 2
+
+
+def _in_stream_error(event: dict[str, Any]) -> tuple[Any, int | None]:
+    """(the error object, its HTTP status when the format says one) of a stream's opening event:
+    a top-level `error` (OpenAI chat, Gemini, Anthropic's `event: error`), or the Responses API's
+    `error` event and `response.failed`."""
+    error = event.get("error")
+    kind = event.get("type")
+    if error and isinstance(error, dict):
+        code = error.get("code")
+        if code is None and kind == "error":
+            return error, ANTHROPIC_ERROR_STATUS.get(error.get("type"))  # Anthropic's `event: error`
+        return error, code if isinstance(code, int) and not isinstance(code, bool) else None
+    if error:
+        return error, None
+    if kind == "response.failed":
+        response = event.get("response")
+        error = response.get("error") if isinstance(response, dict) else None
+    elif kind == "error" and "code" in event:
+        error = {k: event.get(k) for k in ("code", "message", "param")}
+    if not isinstance(error, dict) or not error:
+        return None, None
+    return error, RESPONSES_ERROR_STATUS.get(error.get("code"))  # type: ignore[arg-type]
 
 
 async def _replay(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -258,21 +287,23 @@ class FallbackStage:
             call.upstream_time += _now() - started
         if problem is None:
             payload = _first_data(buffer)
-            error = event = None
+            error: Any = None
+            code: int | None = None
+            event = None
             if payload is not None and payload.startswith(b"{") and b'"error"' in payload:
                 event = _error_object(payload)
-                error = event.get("error") if event is not None else None
+                if event is not None:
+                    error, code = _in_stream_error(event)
             if not error:
                 reply.stream = _replay(buffer, stream)
                 return reply
-            code = error.get("code") if isinstance(error, dict) else None
-            if code is None and isinstance(error, dict) and event is not None and event.get("type") == "error":
-                code = ANTHROPIC_ERROR_STATUS.get(error.get("type"))  # Anthropic's `event: error`
-            status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 502
+            status = code if code is not None and 400 <= code <= 599 else 502
             await _close(stream)
-            assert payload is not None
-            # nothing was sent yet: the event's own JSON (the provider's format) as a whole error reply
-            return Reply(status, body=payload, headers=reply.headers)
+            assert payload is not None and event is not None
+            # nothing was sent yet: the event's own JSON (the provider's format) as a whole error
+            # reply; a Responses event becomes the API's error body
+            body = payload if "error" in event else orjson.dumps({"error": error})
+            return Reply(status, body=body, headers=reply.headers)
         await _close(stream)
         return UpstreamUnavailable(problem)
 

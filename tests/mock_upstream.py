@@ -46,7 +46,8 @@ Responses API: `POST /v1/responses`, and Azure's `POST /openai/responses?api-ver
 `model` on every route). An answer is a Response whose output text is WORDS joined and whose usage
 is RESPONSES_USAGE; a stream sends response.created, response.output_text.delta per word,
 response.output_text.done and response.completed (with usage). `mock-cut-N` streams N deltas and
-drops the connection; `mock-stream-error-CODE` streams response.created then response.failed.
+drops the connection; `mock-stream-error-CODE` streams response.created then response.failed;
+`mock-stream-late-error-CODE` the same with one output delta before the failure.
 """
 
 from __future__ import annotations
@@ -201,8 +202,13 @@ class MockUpstream(MockServer):
         try:
             start = {**response, "status": "in_progress", "output": [], "usage": None}
             await event({"type": "response.created", "response": start})
+            failed = {**start, "status": "failed", "error": {"code": "server_error", "message": "mock failure"}}
             if model.startswith("mock-stream-error-"):
-                failed = {**start, "status": "failed", "error": {"code": "server_error", "message": "mock failure"}}
+                await event({"type": "response.failed", "response": failed})
+                return stream
+            if model.startswith("mock-stream-late-error-"):
+                await event({"type": "response.output_text.delta", "item_id": "msg_mock", "output_index": 0,
+                             "content_index": 0, "delta": WORDS[0]})
                 await event({"type": "response.failed", "response": failed})
                 return stream
             words = WORDS[: int(model.rsplit("-", 1)[1])] if model.startswith("mock-cut-") else WORDS

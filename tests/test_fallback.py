@@ -1032,3 +1032,23 @@ def test_request_supplied_credentials_never_feed_or_follow_cooldowns(clock):
     call = make_call([custom, target("b")])
     run(stage, call, Script(a=[ok()], b=[ok()]))
     assert statuses(call) == [("a", 200)]
+
+
+@pytest.mark.parametrize(("event", "status"), [
+    ({"error": {"message": "m", "code": 429}}, 429),  # OpenAI chat / Gemini
+    ({"type": "error", "error": {"type": "overloaded_error", "message": "m"}}, 529),  # Anthropic
+    ({"type": "error", "code": "rate_limit_exceeded", "message": "m", "param": None}, 429),  # Responses
+    ({"type": "response.failed", "response": {"error": {"code": "server_error", "message": "m"}}}, 500),
+    ({"error": "just text"}, None),
+])
+def test_in_stream_error_of_each_format(event, status):
+    error, code = fb._in_stream_error(event)
+    assert error and code == status
+
+
+def test_first_data_skips_responses_lifecycle_events():
+    created = b'event: response.created\ndata: {"type":"response.created","response":{"error":null}}\n\n'
+    delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta"}\n\n'
+    assert fb._first_data(created) is None  # nothing said yet: keep peeking
+    assert fb._first_data(created + delta) == b'{"type":"response.output_text.delta"}'
+    assert fb._in_stream_error({"type": "response.created", "response": {"error": None}}) == (None, None)

@@ -36,6 +36,7 @@ def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) ->
             {"name": "resp-down", "provider": "mock", "model": "mock-status-503"},
             {"name": "resp-cut", "provider": "mock", "model": "mock-cut-3"},
             {"name": "resp-failed", "provider": "mock", "model": "mock-stream-error-500"},
+            {"name": "resp-failed-late", "provider": "mock", "model": "mock-stream-late-error-500"},
             {"name": "resp-azure", "provider": "azure", "model": "resp-deployment", "prices": PRICES},
             {"name": "claude-resp", "provider": "anthropic", "model": "claude-x"},
         ],
@@ -127,11 +128,32 @@ def test_stream_cut_ends_with_an_error_event(gw, mock):
     assert record["completion_tokens"] == 3
 
 
-def test_stream_failed_is_logged_as_an_error(gw, mock):
-    events = list(client(gw).responses.create(model="resp-failed", input="x", stream=True,
-                                               extra_body={"customer_identifier": "cust-failed"}))
-    assert events[-1].type == "response.failed"
+def test_stream_failed_before_any_output_is_an_error_reply(gw, mock):
+    """response.created then response.failed: nothing was worth sending, so the client gets the
+    failure as an error reply (after the retries and fallbacks it allows), as for chat streams."""
+    with pytest.raises(openai.InternalServerError) as info:
+        list(client(gw).responses.create(model="resp-failed", input="x", stream=True, extra_body={
+            "customer_identifier": "cust-failed", "retry_params": {"retry_enabled": False}}))
+    assert info.value.body["message"] == "mock failure" and info.value.body["code"] == "server_error"
     record = gw.records(where="customer_identifier = ?", args=("cust-failed",))[0]
+    assert record["status_code"] == 500 and "mock failure" in record["error_message"]
+
+
+def test_stream_failed_before_any_output_falls_back(gw, mock):
+    events = list(client(gw).responses.create(model="resp-failed", input="x", stream=True, extra_body={
+        "fallback_models": ["resp"], "retry_params": {"retry_enabled": False}}))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == TEXT
+    assert mock.count("mock-stream-error-500") == 1 and mock.count("mock-resp") == 1
+
+
+def test_stream_failed_after_output_is_relayed(gw, mock):
+    """Once output went out, a response.failed is the stream's own end: relayed, and logged as an error."""
+    events = list(client(gw).responses.create(model="resp-failed-late", input="x", stream=True,
+                                               extra_body={"customer_identifier": "cust-failed-late"}))
+    assert events[-1].type == "response.failed"
+    assert any(e.type == "response.output_text.delta" for e in events)
+    record = gw.records(where="customer_identifier = ?", args=("cust-failed-late",))[0]
     assert record["status_code"] == 500 and "mock failure" in record["error_message"]
 
 
