@@ -63,6 +63,7 @@ shapes are in proxy.providers.bedrock_anthropic. Only Claude model ids are serve
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
@@ -86,7 +87,7 @@ from proxy.providers.common import (
     tool_call_id,
     tool_function,
 )
-from proxy.providers.eventstream import EventStreamDecoder, EventStreamError, EventStreamReader
+from proxy.providers.eventstream import EventStreamReader, read_event_stream
 from proxy.providers.sigv4 import sign_headers
 from proxy.settings import Provider, Timeouts
 from proxy.upstream import UpstreamClient, UpstreamResponse, UpstreamStreamError
@@ -711,28 +712,15 @@ class BedrockConverse:
         return Reply(response.status, body=raw, headers=headers)
 
     async def _stream(self, response: UpstreamResponse, target: Target) -> AsyncIterator[bytes]:
-        decoder = EventStreamDecoder()
         translator = StreamTranslator(target.model)
-        chunks = response.chunks()
-        try:
-            try:
-                async for data in chunks:
-                    out = translator.feed(decoder.feed(data))
-                    if out:
-                        yield out
-                    if translator.failed or translator.done:
-                        return
-                decoder.close()
-            except EventStreamError as exc:
-                raise UpstreamStreamError(f"provider '{target.provider}' sent a broken event stream: {exc}") from None
-            out = translator.finish()
-            if out:
+        async with contextlib.aclosing(read_event_stream(response, translator, target.provider)) as reads:
+            async for out in reads:
                 yield out
-            if not translator.complete:
-                raise UpstreamStreamError(
-                    f"provider '{target.provider}' ended the stream before the message was complete")
-        finally:
-            await chunks.aclose()
+        out = translator.finish()
+        if out:
+            yield out
+        if not translator.complete:
+            raise UpstreamStreamError(f"provider '{target.provider}' ended the stream before the message was complete")
 
     async def close(self) -> None:
         return None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,7 +45,7 @@ import orjson
 from proxy.call import Call
 from proxy.providers.anthropic import DEFAULT_MAX_TOKENS, STATUS_ERROR_TYPE
 from proxy.providers.common import json_object
-from proxy.providers.eventstream import EventStreamDecoder, EventStreamError, EventStreamReader
+from proxy.providers.eventstream import EventStreamError, EventStreamReader, read_event_stream
 from proxy.sse_anthropic import anthropic_error_event
 from proxy.upstream import UpstreamResponse, UpstreamStreamError
 
@@ -182,21 +183,9 @@ async def relay_stream(response: UpstreamResponse, provider: str) -> AsyncIterat
     """The Anthropic SSE stream of an invoke-with-response-stream answer. Closing it closes the
     upstream response at once; broken framing, or a body that ends before message_stop (and
     without an exception), raises UpstreamStreamError."""
-    decoder = EventStreamDecoder()
     events = StreamEvents()
-    chunks = response.chunks()
-    try:
-        try:
-            async for data in chunks:
-                out = events.feed(decoder.feed(data))
-                if out:
-                    yield out
-                if events.failed:
-                    return  # the error event ended it; the finally closes the upstream response
-            decoder.close()
-        except EventStreamError as exc:
-            raise UpstreamStreamError(f"provider '{provider}' sent a broken event stream: {exc}") from None
-        if not events.done:
-            raise UpstreamStreamError(f"provider '{provider}' ended the stream before the message was complete")
-    finally:
-        await chunks.aclose()
+    async with contextlib.aclosing(read_event_stream(response, events, provider)) as reads:
+        async for out in reads:
+            yield out
+    if not (events.done or events.failed):
+        raise UpstreamStreamError(f"provider '{provider}' ended the stream before the message was complete")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import abc
 import struct
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import orjson
+
+from proxy.upstream import UpstreamResponse, UpstreamStreamError
 
 PRELUDE = 12
 MAX_MESSAGE = 16 * 1024 * 1024  # a message larger than this is corrupt framing, not a real event
@@ -174,3 +176,25 @@ class EventStreamReader(abc.ABC):
     @abc.abstractmethod
     def _failure(self, kind: str, message: str) -> bytes:
         """The bytes that end the stream on an exception or error message."""
+
+
+async def read_event_stream(response: UpstreamResponse, reader: EventStreamReader,
+                            provider: str) -> AsyncIterator[bytes]:
+    """What `reader` makes of an event-stream answer, read by read, until the body ends or the
+    reader is done or failed. Closing it closes the upstream response at once; broken framing
+    raises UpstreamStreamError (after the good messages before it)."""
+    decoder = EventStreamDecoder()
+    chunks = response.chunks()
+    try:
+        try:
+            async for data in chunks:
+                out = reader.feed(decoder.feed(data))
+                if out:
+                    yield out
+                if reader.done or reader.failed:
+                    return
+            decoder.close()
+        except EventStreamError as exc:
+            raise UpstreamStreamError(f"provider '{provider}' sent a broken event stream: {exc}") from None
+    finally:
+        await chunks.aclose()
