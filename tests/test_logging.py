@@ -390,6 +390,8 @@ def test_spill_and_replay_when_the_sink_is_down(start_gateway, mock, tmp_path):
     log_id = c.chat.completions.with_raw_response.create(model="gpt-test", messages=MESSAGES).headers["x-respan-log-id"]
     assert wait_for_ids(db, [log_id], timeout=3)
     assert len(read_records(db)) == n + 1
+    # the batch reaches the sinks one after the other: the jsonl line may land a moment later
+    assert wait_until(lambda: len(jsonl_records(data / "logs.jsonl")) >= n + 1)
     assert len(jsonl_records(data / "logs.jsonl")) == n + 1
 
 
