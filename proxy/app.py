@@ -79,7 +79,7 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
     post_routes = [Route(path, handler, methods=["POST"]) for path, handler in fast_routes.items()]
     post_routes += [Route(prefix + "{rest:path}", handler, methods=["POST"]) for prefix, handler in prefix_routes.items()]
     starlette = Starlette(
-        routes=[*post_routes, *models.routes(gateway), *health.routes(gateway)],
+        routes=[*post_routes, *models.routes(gateway), *health.routes(gateway), *gateway.admin_routes()],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
     )

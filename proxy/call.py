@@ -148,6 +148,8 @@ class Call:
         "finish_hooks",
         "attempts",
         "warnings",
+        "cache_hit",
+        "omit_log",
         "state",
     )
 
@@ -194,6 +196,8 @@ class Call:
         self.finish_hooks: list[Callable[[Call], None]] = []
         self.attempts: list[Attempt] = []  # every try, when a stage walks the plan
         self.warnings: list[str] = []  # go to the log's `warnings`
+        self.cache_hit = False  # answered from the response cache (the log's cache_hit)
+        self.omit_log = False  # finish writes no log record (a cache hit with cache_options.omit_log)
         self.state: dict[str, Any] = {}  # free-form scratch space for stages
 
     def elapsed(self) -> float:

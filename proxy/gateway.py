@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 
 from proxy import breakdown, estimate
+from proxy.admin import AdminGuard
+from proxy.alerts import Notifier
 from proxy.call import Call, Reply, Usage
 from proxy.catalog import load_catalog
 from proxy.errors import BadRequest, GatewayError, InternalError
@@ -57,8 +59,11 @@ class Gateway:
         self.cooldowns = Cooldowns(
             settings.cooldowns, self.metrics, cooldown_backend.url if cooldown_backend.backend == "redis" else None
         )
+        self.notifier = Notifier(settings.alerts, self.metrics)
+        self.admin = AdminGuard([k.key_hash for k in settings.admin_keys], [k.key_hash for k in settings.keys])
         # what stages may use besides the settings and the model table
-        services = {"metrics": self.metrics, "cooldowns": self.cooldowns}
+        services = {"metrics": self.metrics, "cooldowns": self.cooldowns, "notifier": self.notifier,
+                    "admin": self.admin}
         self.stages: list[tuple[str, Stage]] = load_stages(settings, self.models, services)
         self.handler = compose([stage for _, stage in self.stages], self.dispatch)
         logs = settings.logs
@@ -77,6 +82,7 @@ class Gateway:
         self.streams_ended = False  # the shutdown deadline passed and open streams were ended
         await self.logs.start()
         await self.cooldowns.start()
+        await self.notifier.start()
         for _, stage in self.stages:
             startup = getattr(stage, "startup", None)
             if startup is not None:
@@ -104,7 +110,17 @@ class Gateway:
                     logger.exception("stage shutdown failed")
         await self.upstream.close()
         await self.cooldowns.stop()
+        await self.notifier.stop()
         await self.logs.stop(deadline)
+
+    def admin_routes(self) -> list[Any]:
+        """Routes the stages add (cache and limit management, ...), each behind the admin key."""
+        routes: list[Any] = []
+        for _, stage in self.stages:
+            stage_routes = getattr(stage, "routes", None)
+            if stage_routes is not None:
+                routes += stage_routes()
+        return routes
 
     # -- the request path -------------------------------------------------------------
 
@@ -248,7 +264,8 @@ class Gateway:
             except Exception:
                 logger.exception("finish hook failed on request %s", call.id)
         self.metrics.observe(call)
-        self.logs.put(record_for(call))
+        if not call.omit_log:
+            self.logs.put(record_for(call))
 
     def response_headers(self, call: Call, reply: Reply) -> dict[str, str]:
         headers = reply.headers

@@ -78,6 +78,26 @@ class Metrics:
             "llmrelay_deployment_cooling", "1 while a deployment is in cooldown", ["provider", "deployment"],
             registry=r, multiprocess_mode="max",
         )
+        self.cache_lookups = Counter(
+            "llmrelay_cache_lookups", "Response cache lookups by result (hit, miss)", ["result"], registry=r
+        )
+        self.cache_stores = Counter("llmrelay_cache_stores", "Answers written to the response cache", registry=r)
+        self.limit_blocks = Counter(
+            "llmrelay_limit_blocks", "Requests refused by a limit (429), by scope and metric", ["scope", "metric"],
+            registry=r,
+        )
+        self.limit_warnings = Counter(
+            "llmrelay_limit_warnings", "Warn thresholds crossed, by scope and metric", ["scope", "metric"], registry=r
+        )
+        self.limit_backend_errors = Counter(
+            "llmrelay_limit_backend_errors", "Limit checks the counter backend could not answer, by outcome (open, closed)",
+            ["outcome"], registry=r,
+        )
+        self.alerts_sent = Counter("llmrelay_alerts_sent", "Alerts delivered, by channel", ["channel"], registry=r)
+        self.alerts_failed = Counter(
+            "llmrelay_alerts_failed", "Alerts given up after all retries (or dropped when the queue was full), by channel",
+            ["channel"], registry=r,
+        )
         # labels() costs a dict lookup plus locking; keep the children we have seen.
         self._children: dict[tuple[str, str, int], tuple] = {}
         # Every label value lives in the registry for good: past this many model names, new

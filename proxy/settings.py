@@ -15,10 +15,12 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from proxy.alerts import AlertSettings
 from proxy.catalog import load_catalog
 from proxy.keys import hash_key, is_key_hash
 
 DEMO_KEY = "sk-llmrelay-demo"  # the embedded defaults' gateway key; README examples use it
+ADMIN_DEMO_KEY = "sk-llmrelay-admin-demo"  # the embedded defaults' admin key (replace it in a real config)
 DATA_DIR = "./llmrelay-data"
 # Wire protocols that a provider found through its environment key may use. Grows as
 # proxy/providers/ learns more protocols.
@@ -92,6 +94,17 @@ class ApiKey(Struct):
     key_hash: str  # "sha256:<hex>" of the key; `llmrelay hash-key` prints one
     environment: Literal["test", "production"] = "production"
     expires_at: datetime | None = None
+    # enforced by the limits stage, as block policies on this key
+    rate_limit: int | None = None  # requests a minute
+    spending_limit: float | None = None  # USD, lifetime
+    max_usage: int | None = None  # requests, lifetime; -1: unlimited
+
+
+class AdminKey(Struct):
+    """A key for the admin endpoints (cache, limits, ...); gateway keys get a 403 there."""
+
+    name: str
+    key_hash: str  # "sha256:<hex>", as for gateway keys
 
 
 class StageEntry(Struct):
@@ -138,8 +151,10 @@ class Settings(Struct):
     providers: list[Provider] = msgspec.field(default_factory=list)
     models: list[Model] = msgspec.field(default_factory=list)
     keys: list[ApiKey] = msgspec.field(default_factory=list)
+    admin_keys: list[AdminKey] = msgspec.field(default_factory=list)
+    alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)  # how limit alerts are delivered
     pipeline: list[str | StageEntry] = msgspec.field(
-        default_factory=lambda: ["auth", "routing", "credentials", "fallback"]
+        default_factory=lambda: ["auth", "limits", "cache", "routing", "credentials", "fallback"]
     )
     logs: Logs = msgspec.field(default_factory=Logs)
     state: State = msgspec.field(default_factory=State)
@@ -167,6 +182,7 @@ def embedded_defaults() -> dict[str, Any]:
         "models": [{"name": "demo", "provider": "demo", "model": "llmrelay-demo-1", "aliases": ["demo-model"],
                     "prices": {"input": 0, "output": 0}}],  # free: a known price of 0
         "keys": [{"name": "demo", "key_hash": hash_key(DEMO_KEY), "environment": "test"}],
+        "admin_keys": [{"name": "demo-admin", "key_hash": hash_key(ADMIN_DEMO_KEY)}],
     }
 
 
@@ -268,9 +284,15 @@ def check(settings: Settings) -> None:
             raise ConfigError(f"{src}: $.aliases.{alias}: {alias!r} is already a model name or alias")
         if not points_to:
             raise ConfigError(f"{src}: $.aliases.{alias}: expected a model name or provider/model slug")
-    for i, k in enumerate(settings.keys):
-        if not is_key_hash(k.key_hash):
-            raise ConfigError(f"{src}: $.keys[{i}].key_hash: expected 'sha256:' followed by 64 hex digits (run `llmrelay hash-key`)")
+    for field in ("keys", "admin_keys"):
+        for i, k in enumerate(getattr(settings, field)):
+            if not is_key_hash(k.key_hash):
+                raise ConfigError(f"{src}: $.{field}[{i}].key_hash: expected 'sha256:' followed by 64 hex digits "
+                                  "(run `llmrelay hash-key`)")
+    gateway_hashes = {k.key_hash for k in settings.keys}
+    for i, k in enumerate(settings.admin_keys):
+        if k.key_hash in gateway_hashes:
+            raise ConfigError(f"{src}: $.admin_keys[{i}].key_hash: the same key is a gateway key; admin keys must differ")
     types = [s.type for s in settings.logs.sinks]
     for i, t in enumerate(types):
         if t in types[:i]:

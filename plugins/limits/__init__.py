@@ -1,0 +1,336 @@
+"""The `limits` stage: warn and block thresholds on requests, tokens and cost (spec 3.7 and 5).
+
+Before the upstream call, every policy that applies to the request (its API key, customer,
+model, the organization) reserves its amount in one atomic step: one request, and an estimate
+of tokens (the prompt's) and cost (the prompt at the model's input price). A counter that would
+pass its block threshold refuses, and nothing is reserved anywhere: the client gets a 429 with
+`retry_after`, the seconds until that window resets. When the answer finishes (complete, failed,
+cut or abandoned) a finish hook replaces the estimates with what was used.
+
+A warn threshold crossed lets the request through and fires an alert once per (policy, scope
+value, threshold, window); a block fires one too. Alerts go through the gateway's notifier, in
+the background.
+
+Counters live in memory (one process) or Redis (`state.counters`), shared by every worker and
+replica. When Redis cannot be reached, each policy decides: `on_backend_error: open` (the
+default: admit, log, count) or `closed` (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from plugins.limits.counters import Charge, Counters, Decision, MemoryCounters, RedisCounters
+from plugins.limits.policy import ORGANIZATION, Policy, customer_policies, key_policies, parse_policies
+from plugins.limits.windows import bounds, seconds_left
+from proxy import estimate
+from proxy.alerts import Alert
+from proxy.call import Call, Reply
+from proxy.errors import GatewayError, ModelNotFound, ValidationFailed
+from proxy.metrics import Metrics
+from proxy.model_table import ModelTable
+from proxy.pipeline import Next, StageContext
+
+log = logging.getLogger("llmrelay.limits")
+
+BACKEND_DOWN = "limits not checked: the counter backend is unreachable"
+WINDOW_MARGIN = 60  # seconds a counter outlives its window, for late reconciliations
+REMEMBERED_CUSTOMERS = 100_000  # customers whose budgets this process remembers
+RETRY_BACKEND = 1.0  # seconds a failed backend is not asked again
+
+
+class LimitExceeded(GatewayError):
+    status = 429
+
+
+class Applied:
+    """One policy as it applies to one request: its counter and what was reserved."""
+
+    __slots__ = ("policy", "scope_value", "charge", "window_start", "window_end", "value")
+
+    def __init__(self, policy: Policy, scope_value: str, charge: Charge, window_start: int,
+                 window_end: float | None) -> None:
+        self.policy = policy
+        self.scope_value = scope_value
+        self.charge = charge
+        self.window_start = window_start
+        self.window_end = window_end
+        self.value = 0.0  # the counter after the reservation
+
+
+class LimitsStage:
+    def __init__(self, policies: list[Policy], counters: Counters, models: ModelTable, metrics: Metrics,
+                 notifier: Any = None, *, clock: Callable[[], float] = time.time) -> None:
+        self.counters = counters
+        self.models = models
+        self.metrics = metrics
+        self.notifier = notifier
+        self.clock = clock
+        self._customers: dict[str, list[Policy]] = {}  # budgets from customer_params, newest last
+        self._alerted: dict[str, float] = {}  # alert key -> its window's end (dedupe within this process)
+        self._down_until = 0.0
+        self._last_down_log = 0.0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.set_policies(policies)
+
+    def set_policies(self, policies: list[Policy]) -> None:
+        """Index the policies by scope: exact (scope, id) matches, and those for every id."""
+        self.policies = [p for p in policies if p.enabled]
+        self._exact: dict[tuple[str, str], list[Policy]] = {}
+        self._each: dict[str, list[Policy]] = {}
+        for p in self.policies:
+            if p.scope == "organization" or p.scope_id is None:
+                self._each.setdefault(p.scope, []).append(p)
+            else:
+                self._exact.setdefault((p.scope, p.scope_id), []).append(p)
+
+    # -- the request path --------------------------------------------------------------
+
+    async def __call__(self, call: Call, next: Next) -> Reply:
+        matched = self.applicable(call)
+        if not matched:
+            return await next(call)
+        now = self.clock()
+        applied = self.charges(call, matched, now)
+        decision = await self._reserve(call, applied, now)
+        if decision is not None:
+            if not decision.admitted:
+                raise self._refuse(call, applied, decision)
+            for a, value in zip(applied, decision.values, strict=True):
+                a.value = value
+                warn = a.policy.warn_threshold
+                if warn is not None and value >= warn:
+                    self.metrics.limit_warnings.labels(a.policy.scope, a.policy.metric).inc()
+                    self._alert("limit.warn", a, warn, value)
+            if any(a.policy.metric != "requests" for a in applied):
+                call.finish_hooks.append(lambda finished: self._reconcile(finished, applied))
+        reply = await next(call)
+        if decision is not None:
+            reply.headers.update(rate_limit_headers(applied, now))
+        return reply
+
+    def applicable(self, call: Call) -> list[tuple[Policy, str]]:
+        found: list[tuple[Policy, str]] = [(p, ORGANIZATION) for p in self._each.get("organization", ())]
+        params = call.params
+        customer = params.customer()
+        if customer is not None and params.customer_params:
+            self._remember_customer(customer, params.customer_params)
+        for scope, value in (("api_key", call.key.name if call.key else None), ("customer", customer),
+                             ("model", call.model or None)):
+            if value is None:
+                continue
+            found += [(p, value) for p in self._each.get(scope, ())]
+            found += [(p, value) for p in self._exact.get((scope, value), ())]
+            if scope == "customer" and value in self._customers:
+                found += [(p, value) for p in self._customers[value]]
+        return found
+
+    def _remember_customer(self, customer: str, params: dict[str, Any]) -> None:
+        try:
+            policies = customer_policies(customer, params)
+        except ValueError as exc:
+            field, _, message = str(exc).partition(": ")
+            raise ValidationFailed(field, message) from None
+        if not policies:
+            return
+        self._customers.pop(customer, None)
+        self._customers[customer] = policies
+        if len(self._customers) > REMEMBERED_CUSTOMERS:
+            del self._customers[next(iter(self._customers))]
+
+    def charges(self, call: Call, matched: list[tuple[Policy, str]], now: float) -> list[Applied]:
+        tokens: int | None = None
+        cost: float | None = None
+        applied = []
+        for policy, value in matched:
+            if policy.metric == "requests":
+                amount = 1.0
+            elif policy.metric == "tokens":
+                if tokens is None:
+                    tokens = estimate.prompt_tokens(call.body)
+                amount = float(tokens)
+            else:
+                if cost is None:
+                    cost = self.estimated_cost(call)
+                amount = cost * policy.markup
+            start, end = bounds(policy.window, now)
+            ttl = int(end - now) + WINDOW_MARGIN if end is not None else 0
+            key = f"{policy.name}:{policy.scope}:{value}:{policy.window}:{start}"
+            applied.append(Applied(policy, value, Charge(key, amount, policy.block_threshold, ttl), start, end))
+        return applied
+
+    def estimated_cost(self, call: Call) -> float:
+        """The prompt's estimated tokens at the requested model's input price (0 when unknown)."""
+        try:
+            target = self.models.resolve(call.model)
+        except (ModelNotFound, GatewayError):
+            return 0.0
+        if target.prices is None:
+            return 0.0
+        return estimate.prompt_tokens(call.body) * target.prices.input / 1e6
+
+    async def _reserve(self, call: Call, applied: list[Applied], now: float) -> Decision | None:
+        """The backend's decision, or None when it is unreachable and every policy fails open."""
+        if time.monotonic() >= self._down_until:
+            try:
+                return await self.counters.reserve([a.charge for a in applied])
+            except Exception as exc:  # Redis down or timing out: each policy decides
+                self._down_until = time.monotonic() + RETRY_BACKEND
+                self._log_down(exc)
+        closed = next((a.policy for a in applied if a.policy.on_backend_error == "closed"), None)
+        if closed is not None:
+            self.metrics.limit_backend_errors.labels("closed").inc()
+            raise GatewayError(f"Limits cannot be checked right now (the counter backend is unreachable), and "
+                               f"limit '{closed.name}' does not admit unchecked requests", 503)
+        self.metrics.limit_backend_errors.labels("open").inc()
+        call.warnings.append(BACKEND_DOWN)
+        return None
+
+    def _log_down(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_down_log >= 10.0:
+            self._last_down_log = now
+            log.warning("limit counters unreachable (%s: %s); policies apply on_backend_error",
+                        type(exc).__name__, exc)
+
+    def _refuse(self, call: Call, applied: list[Applied], decision: Decision) -> LimitExceeded:
+        a = applied[decision.refused_by]
+        policy = a.policy
+        current = decision.values[decision.refused_by]
+        self.metrics.limit_blocks.labels(policy.scope, policy.metric).inc()
+        assert policy.block_threshold is not None
+        self._alert("limit.block", a, policy.block_threshold, current)
+        retry_after = seconds_left(a.window_end, self.clock())
+        per = "in total" if policy.window == "lifetime" else f"per {policy.window}"
+        scope = "organization" if policy.scope == "organization" else f"{policy.scope.replace('_', ' ')} '{a.scope_value}'"
+        error = LimitExceeded(
+            f"Limit exceeded: limit '{policy.name}' allows {scope} {_number(policy.block_threshold)} "
+            f"{_unit(policy.metric)} {per}; {_number(current)} used",
+            retry_after=retry_after,
+        )
+        if retry_after is not None:
+            error.headers["retry-after"] = str(retry_after)
+        error.headers.update(rate_limit_headers(applied, self.clock(), values=decision.values))
+        return error
+
+    def _reconcile(self, call: Call, applied: list[Applied]) -> None:
+        """Replace the token and cost estimates with what the answer used (in the background)."""
+        fixes = []
+        for a in applied:
+            metric = a.policy.metric
+            if metric == "requests":
+                continue
+            used = float(call.usage.total_tokens) if metric == "tokens" else call.cost * a.policy.markup
+            delta = used - a.charge.amount
+            if delta:
+                fixes.append((a, a.charge._replace(amount=delta)))
+        if fixes:
+            self._spawn(self._adjust(fixes))
+
+    async def _adjust(self, fixes: list[tuple[Applied, Charge]]) -> None:
+        try:
+            await self.counters.add([charge for _, charge in fixes])
+        except Exception as exc:
+            self._log_down(exc)
+            return
+        for a, charge in fixes:
+            warn = a.policy.warn_threshold
+            value = a.value + charge.amount  # at least this much: others may have added too
+            if warn is not None and a.value < warn <= value:
+                self.metrics.limit_warnings.labels(a.policy.scope, a.policy.metric).inc()
+                self._alert("limit.warn", a, warn, value)
+
+    # -- alerts ------------------------------------------------------------------------
+
+    def _alert(self, event: str, a: Applied, threshold: float, value: float) -> None:
+        policy = a.policy
+        if self.notifier is None or policy.notify.empty():
+            return
+        key = f"{a.charge.key}:{event}:{threshold!r}"
+        if key in self._alerted:
+            return
+        now = self.clock()
+        if len(self._alerted) >= 10_000:
+            for k in [k for k, end in self._alerted.items() if end <= now]:
+                del self._alerted[k]
+        self._alerted[key] = a.window_end if a.window_end is not None else float("inf")
+        alert = Alert(event=event, policy=policy.name, scope=policy.scope, scope_id=a.scope_value,
+                      metric=policy.metric, window=policy.window, threshold=threshold, value=value,
+                      window_start=float(a.window_start), window_end=a.window_end, timestamp=now)
+        claim = getattr(self.counters, "claim", None)
+        if claim is None:
+            self.notifier.send(alert, policy.notify)
+        else:  # one alert across every process sharing the counters
+            self._spawn(self._claim_and_send(claim, key, a.charge.ttl, alert, policy))
+
+    async def _claim_and_send(self, claim: Any, key: str, ttl: int, alert: Alert, policy: Policy) -> None:
+        try:
+            if not await claim(key, ttl):
+                return
+        except Exception as exc:  # cannot dedupe across processes: better one alert too many than none
+            self._log_down(exc)
+        self.notifier.send(alert, policy.notify)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        if self._tasks:  # let reconciliations land before the counters close
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.counters.close()
+
+
+def rate_limit_headers(applied: list[Applied], now: float, values: list[float] | None = None) -> dict[str, str]:
+    """x-ratelimit-* for the tightest policy with a block threshold: the least budget left, relatively."""
+    tightest: tuple[float, Applied, float] | None = None
+    for i, a in enumerate(applied):
+        limit = a.policy.block_threshold
+        if limit is None:
+            continue
+        value = values[i] if values is not None else a.value
+        remaining = max(limit - value, 0.0)
+        share = remaining / limit if limit else 0.0
+        if tightest is None or share < tightest[0]:
+            tightest = (share, a, remaining)
+    if tightest is None:
+        return {}
+    _, a, remaining = tightest
+    headers = {
+        "x-ratelimit-limit": _number(a.policy.block_threshold or 0.0),
+        "x-ratelimit-remaining": _number(remaining),
+        "x-ratelimit-policy": f"{a.policy.name};metric={a.policy.metric};window={a.policy.window}",
+    }
+    reset = seconds_left(a.window_end, now)
+    if reset is not None:
+        headers["x-ratelimit-reset"] = str(reset)
+    return headers
+
+
+def _number(value: float) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".") or "0"
+
+
+def _unit(metric: str) -> str:
+    return {"requests": "requests", "tokens": "tokens", "cost": "USD"}[metric]
+
+
+def create_stage(context: StageContext) -> LimitsStage:
+    options = dict(context.options)
+    policies = parse_policies(options.pop("policies", []), "policies")
+    if options:
+        raise ValueError(f"unknown options {sorted(options)} (limits takes: policies)")
+    policies += key_policies(context.settings.keys)
+    backend = context.settings.state.counters
+    counters: Counters = RedisCounters(backend.url) if backend.backend == "redis" and backend.url else MemoryCounters()
+    metrics = context.services.get("metrics") or Metrics()
+    return LimitsStage(policies, counters, context.models, metrics, context.services.get("notifier"))
