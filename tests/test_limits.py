@@ -313,3 +313,73 @@ def test_alerts_are_deduplicated_across_gateways_on_redis(start_gateway, mock, t
     assert wait_for(lambda: len(receiver.alerts) >= 2)
     time.sleep(0.5)
     assert sorted(a["body"]["event"] for a in receiver.alerts) == ["limit.block", "limit.warn"]
+
+
+# -- the admin API ------------------------------------------------------------------------
+
+ADMIN_KEY = "sk-limits-admin-key"
+
+
+def admin_keys() -> list[dict[str, str]]:
+    from proxy.keys import hash_key
+
+    return [{"name": "ops", "key_hash": hash_key(ADMIN_KEY)}]
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def test_policies_over_the_admin_api(start_gateway, mock, tmp_path):
+    gw = start_gateway(pipeline=limits({"name": "from-config", "scope": "organization", "metric": "requests",
+                                        "window": "day", "warn_threshold": 1000}), admin_keys=admin_keys())
+    api = httpx.Client(base_url=f"{gw.url}/api/limits", headers=ADMIN)
+    listed = api.get("/").json()
+    assert [(p["name"], p["source"]) for p in listed["results"]] == [("from-config", "config")]
+    policy = {"name": "two-a-day", "scope": "customer", "scope_id": "acme", "metric": "requests", "window": "day",
+              "block_threshold": 2}
+    created = api.post("/", json=policy)
+    assert created.status_code == 201 and created.json()["source"] == "admin"
+    assert api.post("/", json=policy).status_code == 409
+    bad = api.post("/", json={**policy, "name": "bad", "window": "fortnight"})
+    assert bad.status_code == 400 and "window" in bad.json()["detail"]
+    # in force at once
+    body = {"model": "gpt-test", "messages": MESSAGES, "customer_identifier": "acme"}
+    statuses = [httpx.post(f"{gw.url}/api/chat/completions", json=body, headers=AUTH).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    usage = api.get("/two-a-day/usage/").json()
+    assert (usage["value"], usage["remaining"], usage["scope_id"]) == (2.0, 0.0, "acme")
+    # raise the limit
+    patched = api.patch("/two-a-day/", json={"block_threshold": 3})
+    assert patched.status_code == 200 and patched.json()["block_threshold"] == 3
+    assert httpx.post(f"{gw.url}/api/chat/completions", json=body, headers=AUTH).status_code == 200
+    assert api.patch("/two-a-day/", json={"block_threshold": -1}).status_code == 400
+    assert api.patch("/from-config/", json={"warn_threshold": 5}).status_code == 403
+    assert api.delete("/from-config/").status_code == 403
+    assert api.delete("/two-a-day/").status_code == 204
+    assert api.get("/two-a-day/").status_code == 404
+    assert httpx.post(f"{gw.url}/api/chat/completions", json=body, headers=AUTH).status_code == 200
+    # gateway keys and no key
+    assert httpx.get(f"{gw.url}/api/limits/", headers=AUTH).status_code == 403
+    assert httpx.get(f"{gw.url}/api/limits/").status_code == 401
+
+
+def test_a_policy_created_on_one_gateway_applies_on_another_through_redis(start_gateway, mock, tmp_path):
+    state = {"counters": {"backend": "redis", "url": REDIS_URL}}
+    a = start_gateway(pipeline=limits(), state=state, admin_keys=admin_keys())
+    b = start_gateway(pipeline=limits(), state=state, admin_keys=admin_keys())
+    name = unique("shared")
+    customer = unique("cust")
+    try:
+        created = httpx.post(f"{a.url}/api/limits/", headers=ADMIN, json={
+            "name": name, "scope": "customer", "scope_id": customer, "metric": "requests", "window": "lifetime",
+            "block_threshold": 1})
+        assert created.status_code == 201
+        assert wait_for(lambda: httpx.get(f"{b.url}/api/limits/{name}/", headers=ADMIN).status_code == 200, 3)
+        body = {"model": "gpt-test", "messages": MESSAGES, "customer_identifier": customer}
+        assert httpx.post(f"{b.url}/api/chat/completions", json=body, headers=AUTH).status_code == 200
+        assert httpx.post(f"{a.url}/api/chat/completions", json=body, headers=AUTH).status_code == 429
+    finally:
+        httpx.delete(f"{a.url}/api/limits/{name}/", headers=ADMIN)
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(match=f"{KEY_PREFIX}*{name}*"):
+            client.delete(key)

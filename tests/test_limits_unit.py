@@ -107,8 +107,8 @@ def test_customer_params_map_onto_policies():
 def test_api_key_fields_map_onto_policies():
     keys = [ApiKey(name="a", key_hash="sha256:" + "0" * 64, rate_limit=60, spending_limit=5.0, max_usage=-1)]
     assert [(p.name, p.scope_id, p.metric, p.window, p.block_threshold) for p in key_policies(keys)] == [
-        ("key.rate_limit", "a", "requests", "minute", 60.0),
-        ("key.spending_limit", "a", "cost", "lifetime", 5.0),
+        ("key.a.rate_limit", "a", "requests", "minute", 60.0),
+        ("key.a.spending_limit", "a", "cost", "lifetime", 5.0),
     ]  # max_usage -1: unlimited
 
 

@@ -25,8 +25,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from plugins.limits.admin import admin_routes
 from plugins.limits.counters import Charge, Counters, Decision, MemoryCounters, RedisCounters
-from plugins.limits.policy import ORGANIZATION, Policy, customer_policies, key_policies, parse_policies
+from plugins.limits.policy import (
+    ORGANIZATION,
+    Policy,
+    counter_key,
+    customer_policies,
+    key_policies,
+    parse_policies,
+)
+from plugins.limits.store import PolicyStore
 from plugins.limits.windows import bounds, seconds_left
 from proxy import estimate
 from proxy.alerts import Alert
@@ -65,7 +74,8 @@ class Applied:
 
 class LimitsStage:
     def __init__(self, policies: list[Policy], counters: Counters, models: ModelTable, metrics: Metrics,
-                 notifier: Any = None, *, clock: Callable[[], float] = time.time) -> None:
+                 notifier: Any = None, *, clock: Callable[[], float] = time.time, redis_url: str | None = None,
+                 admin: Any = None) -> None:
         self.counters = counters
         self.models = models
         self.metrics = metrics
@@ -76,6 +86,9 @@ class LimitsStage:
         self._down_until = 0.0
         self._last_down_log = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.admin = admin
+        self.configured = policies  # from the config file and API keys: read-only
+        self.store = PolicyStore(redis_url, lambda created: self.set_policies([*self.configured, *created]))
         self.set_policies(policies)
 
     def set_policies(self, policies: list[Policy]) -> None:
@@ -160,7 +173,7 @@ class LimitsStage:
                 amount = cost * policy.markup
             start, end = bounds(policy.window, now)
             ttl = int(end - now) + WINDOW_MARGIN if end is not None else 0
-            key = f"{policy.name}:{policy.scope}:{value}:{policy.window}:{start}"
+            key = counter_key(policy, value, start)
             applied.append(Applied(policy, value, Charge(key, amount, policy.block_threshold, ttl), start, end))
         return applied
 
@@ -281,7 +294,14 @@ class LimitsStage:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def routes(self) -> list[Any]:
+        return admin_routes(self, self.admin) if self.admin is not None else []
+
+    async def startup(self) -> None:
+        await self.store.start()
+
     async def shutdown(self) -> None:
+        await self.store.stop()
         if self._tasks:  # let reconciliations land before the counters close
             await asyncio.wait(list(self._tasks), timeout=2.0)
         for task in list(self._tasks):
@@ -331,6 +351,8 @@ def create_stage(context: StageContext) -> LimitsStage:
         raise ValueError(f"unknown options {sorted(options)} (limits takes: policies)")
     policies += key_policies(context.settings.keys)
     backend = context.settings.state.counters
-    counters: Counters = RedisCounters(backend.url) if backend.backend == "redis" and backend.url else MemoryCounters()
+    redis_url = backend.url if backend.backend == "redis" else None
+    counters: Counters = RedisCounters(redis_url) if redis_url else MemoryCounters()
     metrics = context.services.get("metrics") or Metrics()
-    return LimitsStage(policies, counters, context.models, metrics, context.services.get("notifier"))
+    return LimitsStage(policies, counters, context.models, metrics, context.services.get("notifier"),
+                       redis_url=redis_url, admin=context.services.get("admin"))

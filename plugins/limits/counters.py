@@ -34,6 +34,8 @@ class Counters(Protocol):
 
     async def add(self, charges: list[Charge]) -> None: ...
 
+    async def value(self, key: str) -> float: ...
+
     async def close(self) -> None: ...
 
 
@@ -64,6 +66,9 @@ class MemoryCounters:
         now = self.clock()
         for charge in charges:
             self._add(charge, now)
+
+    async def value(self, key: str) -> float:
+        return self._current(key, self.clock())
 
     async def close(self) -> None:
         pass
@@ -155,6 +160,9 @@ class RedisCounters:
         for c in charges:
             args += (repr(c.amount), c.ttl)
         await self._add(keys=[KEY_PREFIX + c.key for c in charges], args=args)
+
+    async def value(self, key: str) -> float:
+        return float(await self._redis.get(KEY_PREFIX + key) or 0)
 
     async def claim(self, key: str, ttl: int) -> bool:
         """True for the first process to claim `key` (an alert's dedupe key) until it expires."""

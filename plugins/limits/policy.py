@@ -52,6 +52,11 @@ class Policy(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tr
             raise ValueError(f"policy {self.name!r}: scope_id: the organization scope takes none")
 
 
+def counter_key(policy: Policy, scope_value: str, window_start: int) -> str:
+    """The counter of one policy, for one scope value, in one window."""
+    return f"{policy.name}:{policy.scope}:{scope_value}:{policy.window}:{window_start}"
+
+
 def parse_policies(raw: Any, where: str = "policies") -> list[Policy]:
     if not isinstance(raw, list):
         raise ValueError(f"{where}: expected a list of policies")
@@ -88,7 +93,7 @@ def key_policies(keys: list[ApiKey]) -> list[Policy]:
                                                   ("spending_limit", "cost", "lifetime", k.spending_limit),
                                                   ("max_usage", "requests", "lifetime", k.max_usage)):
             if threshold is not None and threshold >= 0:
-                policies.append(Policy(name=f"key.{suffix}", scope="api_key", scope_id=k.name, metric=metric,
+                policies.append(Policy(name=f"key.{k.name}.{suffix}", scope="api_key", scope_id=k.name, metric=metric,
                                        window=window, block_threshold=float(threshold)))
     return policies
 
@@ -124,4 +129,4 @@ def _number(params: dict[str, Any], field: str, minimum: float = 0.0) -> float:
     return float(value)
 
 
-__all__ = ["WINDOWS", "Policy", "customer_policies", "key_policies", "parse_policies", "parse_policy"]
+__all__ = ["WINDOWS", "Policy", "counter_key", "customer_policies", "key_policies", "parse_policies", "parse_policy"]
