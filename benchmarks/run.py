@@ -152,7 +152,16 @@ def wait_http(proc: Proc, url: str, timeout: float) -> None:
 
 PIPELINES = {
     "auth": "[auth]",  # the minimal pipeline
-    "default": "[auth, routing, credentials, fallback]",  # the gateway's default pipeline
+    "default": "[auth, limits, cache, routing, credentials, fallback]",  # the gateway's default (no policy, cache off)
+    "classic": "[auth, routing, credentials, fallback]",  # the default before limits and cache joined it
+    # the default with a requests and a cost policy on the key (memory counters): reserve + reconcile per request
+    "limits": "[auth, {name: limits, options: {policies: ["
+              "{name: bench-requests, scope: api_key, metric: requests, window: day, block_threshold: 1.0e+12}, "
+              "{name: bench-cost, scope: api_key, metric: cost, window: day, block_threshold: 1.0e+12}]}}, "
+              "cache, routing, credentials, fallback]",
+    # the default with caching on for every request: after the first, every request is a cache hit
+    "cache-hit": "[auth, limits, {name: cache, options: {defaults: {cache_enabled: true}}}, routing, credentials, "
+                 "fallback]",
 }
 
 
@@ -448,7 +457,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds to wait at start for an idle machine (default 30)",
     )
     p.add_argument("--pipeline", choices=sorted(PIPELINES), default="auth",
-                   help="gateway pipeline: auth (minimal, default) or default (auth, routing, credentials, fallback)")
+                   help="gateway pipeline: auth (minimal, the default here), default (the gateway's default: auth, limits, "
+                        "cache, routing, credentials, fallback), classic (without limits and cache), limits (two "
+                        "policies), cache-hit (every request answered from the cache)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--no-readme", action="store_true", help="do not refresh the table in README.md")
     args = p.parse_args(argv)

@@ -16,6 +16,7 @@ from tests.conftest import ROOT, GatewayProcess
 
 README = (ROOT / "README.md").read_text()
 EXAMPLES = re.findall(r"```(bash|python) example\n(.*?)```", README, re.S)
+CHECKS = re.findall(r"```bash check\n(.*?)```", README, re.S)  # scripts that check their own output
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,17 @@ def test_readme_example_runs(defaults_gateway, kind, code):
         lines = result.stdout.strip().splitlines()
         assert lines[0] == "Hello from the llmrelay demo provider. You said: Hello!"
         assert lines[1] == "Hello from the llmrelay demo provider. You said: Stream, please"
+
+
+@pytest.mark.parametrize("code", CHECKS, ids=[f"check-{i}" for i in range(len(CHECKS))])
+def test_readme_check_runs(defaults_gateway, code):
+    code = code.replace("http://127.0.0.1:8080", defaults_gateway.url)
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+
+
+def test_readme_has_checks():
+    assert len(CHECKS) >= 3
 
 
 def test_readme_requests_are_logged(defaults_gateway):

@@ -105,6 +105,8 @@ class LimitsStage:
     # -- the request path --------------------------------------------------------------
 
     async def __call__(self, call: Call, next: Next) -> Reply:
+        if not (self.policies or self._customers or call.params.customer_params):
+            return await next(call)  # nothing to count: the common case costs one test
         matched = self.applicable(call)
         if not matched:
             return await next(call)
@@ -163,29 +165,28 @@ class LimitsStage:
         for policy, value in matched:
             if policy.metric == "requests":
                 amount = 1.0
-            elif policy.metric == "tokens":
+            else:
                 if tokens is None:
                     tokens = estimate.prompt_tokens(call.body)
-                amount = float(tokens)
-            else:
-                if cost is None:
-                    cost = self.estimated_cost(call)
-                amount = cost * policy.markup
+                if policy.metric == "tokens":
+                    amount = float(tokens)
+                else:
+                    if cost is None:
+                        cost = tokens * self.input_price(call) / 1e6
+                    amount = cost * policy.markup
             start, end = bounds(policy.window, now)
             ttl = int(end - now) + WINDOW_MARGIN if end is not None else 0
             key = counter_key(policy, value, start)
             applied.append(Applied(policy, value, Charge(key, amount, policy.block_threshold, ttl), start, end))
         return applied
 
-    def estimated_cost(self, call: Call) -> float:
-        """The prompt's estimated tokens at the requested model's input price (0 when unknown)."""
+    def input_price(self, call: Call) -> float:
+        """USD per 1M input tokens of the requested model (0 when unknown: the estimate is then 0)."""
         try:
             target = self.models.resolve(call.model)
         except (ModelNotFound, GatewayError):
             return 0.0
-        if target.prices is None:
-            return 0.0
-        return estimate.prompt_tokens(call.body) * target.prices.input / 1e6
+        return target.prices.input if target.prices is not None else 0.0
 
     async def _reserve(self, call: Call, applied: list[Applied], now: float) -> Decision | None:
         """The backend's decision, or None when it is unreachable and every policy fails open."""
@@ -242,7 +243,12 @@ class LimitsStage:
             delta = used - a.charge.amount
             if delta:
                 fixes.append((a, a.charge._replace(amount=delta)))
-        if fixes:
+        if not fixes:
+            return
+        if isinstance(self.counters, MemoryCounters):  # no I/O: settle it now, without a task
+            self.counters.add_now([charge for _, charge in fixes])
+            self._warn_after(fixes)
+        else:
             self._spawn(self._adjust(fixes))
 
     async def _adjust(self, fixes: list[tuple[Applied, Charge]]) -> None:
@@ -251,6 +257,9 @@ class LimitsStage:
         except Exception as exc:
             self._log_down(exc)
             return
+        self._warn_after(fixes)
+
+    def _warn_after(self, fixes: list[tuple[Applied, Charge]]) -> None:
         for a, charge in fixes:
             warn = a.policy.warn_threshold
             value = a.value + charge.amount  # at least this much: others may have added too

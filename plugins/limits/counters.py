@@ -63,6 +63,9 @@ class MemoryCounters:
         return Decision(True, [self._add(c, now) for c in charges])
 
     async def add(self, charges: list[Charge]) -> None:
+        self.add_now(charges)
+
+    def add_now(self, charges: list[Charge]) -> None:
         now = self.clock()
         for charge in charges:
             self._add(charge, now)
