@@ -51,10 +51,12 @@ class RetryParams(Params, forbid_unknown_fields=True):
 
 
 class CacheOptions(Params):
-    cache_by_customer: bool = False
-    is_cached_by_model: bool = False
-    omit_log: bool = False
-    omit_logs: bool = False  # spelling seen in the docs; either one works
+    """None: not sent, so the cache stage's configured default applies (option by option)."""
+
+    cache_by_customer: bool | None = None
+    is_cached_by_model: bool | None = None
+    omit_log: bool | None = None
+    omit_logs: bool | None = None  # spelling seen in the docs; either one works
 
 
 class GatewayParams(Params):

@@ -28,6 +28,7 @@ from plugins.cache.store import CacheStore, Entry
 from proxy import replay
 from proxy.call import Call, Prices, Reply, Target
 from proxy.metrics import Metrics
+from proxy.params import CacheOptions
 from proxy.pipeline import Next, StageContext
 
 log = logging.getLogger("llmrelay.cache")
@@ -38,6 +39,7 @@ HEADER = "x-llmrelay-cache"
 CACHEABLE = frozenset({"chat", "embeddings", "responses", "anthropic.messages", "gemini.generateContent",
                        "gemini.streamGenerateContent", "gemini.embedContent", "gemini.batchEmbedContents"})
 THIRTY_DAYS = 30 * 24 * 3600.0
+NO_OPTIONS = CacheOptions()
 
 
 class Defaults(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -77,26 +79,31 @@ class CacheStage:
         self.misses = metrics.cache_lookups.labels("miss")
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def settings_for(self, call: Call) -> Settings:
-        defaults = self.options.defaults
+    def defaults_for(self, call: Call) -> Defaults:
         if self.options.keys and call.key is not None:
-            defaults = self.options.keys.get(call.key.name, defaults)
+            return self.options.keys.get(call.key.name, self.options.defaults)
+        return self.options.defaults
+
+    def settings_for(self, call: Call) -> Settings:
+        defaults = self.defaults_for(call)
         params = call.params
-        opts = params.cache_options
+        opts = params.cache_options or NO_OPTIONS
+        omit_log = opts.omit_log if opts.omit_log is not None else opts.omit_logs
         return Settings(
             enabled=defaults.cache_enabled if params.cache_enabled is None else params.cache_enabled,
             ttl=params.cache_ttl or defaults.cache_ttl,
-            by_customer=opts.cache_by_customer if opts is not None else defaults.cache_by_customer,
-            by_model=opts.is_cached_by_model if opts is not None else defaults.is_cached_by_model,
-            omit_log=(opts.omit_log or opts.omit_logs) if opts is not None else defaults.omit_log,
+            by_customer=_given(opts.cache_by_customer, defaults.cache_by_customer),
+            by_model=_given(opts.is_cached_by_model, defaults.is_cached_by_model),
+            omit_log=_given(omit_log, defaults.omit_log),
         )
 
     async def __call__(self, call: Call, next: Next) -> Reply:
-        if call.endpoint not in CACHEABLE:
+        enabled = call.params.cache_enabled
+        if enabled is None:
+            enabled = self.defaults_for(call).cache_enabled
+        if not enabled or call.endpoint not in CACHEABLE:
             return await next(call)
         settings = self.settings_for(call)
-        if not settings.enabled:
-            return await next(call)
         key = cache_key(call, by_model=settings.by_model, by_customer=settings.by_customer)
         try:
             entry = await self.store.get(key)
@@ -127,6 +134,7 @@ class CacheStage:
             return None
         call.target = CACHE_TARGET
         call.cache_hit = True
+        call.state["cache_hit"] = True  # what proxy/breakdown.py reads: request_breakdown.cached
         call.omit_log = settings.omit_log
         call.finish_hooks.append(_log_as_cache)
         headers = {HEADER: "hit"}
@@ -196,6 +204,10 @@ class CacheStage:
             await asyncio.wait(list(self._tasks), timeout=2.0)
         with contextlib.suppress(Exception):
             await self.store.close()
+
+
+def _given(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
 
 
 def _log_as_cache(call: Call) -> None:

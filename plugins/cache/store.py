@@ -78,8 +78,9 @@ class CacheStore:
             from redis.asyncio.connection import parse_url
 
             options = parse_url(redis_url)
+            # RedisCache puts a ":" between namespace and key itself: the Redis key is NAMESPACE + key
             self.cache: Any = RedisCache(
-                serializer=MsgpackSerializer(), namespace=NAMESPACE, timeout=timeout,
+                serializer=MsgpackSerializer(), namespace=NAMESPACE.removesuffix(":"), timeout=timeout,
                 endpoint=options.get("host", "127.0.0.1"), port=options.get("port", 6379), db=options.get("db", 0),
                 password=options.get("password"), create_connection_timeout=timeout,
                 connection_pool_kwargs={"socket_timeout": timeout},
@@ -97,7 +98,8 @@ class CacheStore:
         return entry
 
     async def set(self, key: str, entry: Entry) -> None:
-        ttl = max(int(entry.expires - time.time()), 1)
+        # a float: both backends keep sub-second TTLs (Redis PSETEX), so 1.9 s is not cut to 1 s
+        ttl = max(entry.expires - time.time(), 0.001)
         if not self.redis:
             self._make_room()
         await self.cache.set(key, entry, ttl=ttl)
@@ -124,12 +126,13 @@ class CacheStore:
 
     async def keys(self) -> AsyncIterator[str]:
         """Every stored key, without the namespace."""
+        prefix = self.cache.build_key("")  # the backend's own: what get/delete put before a key
         if self.redis:
-            async for raw in self.cache.client.scan_iter(match=NAMESPACE + "*", count=500):
-                yield raw.decode()[len(NAMESPACE):]
+            async for raw in self.cache.client.scan_iter(match=prefix + "*", count=500):
+                yield raw.decode()[len(prefix):]
         else:
             for key in list(self.cache._cache):
-                yield key[len(NAMESPACE):]
+                yield key[len(prefix):]
 
     async def entries(self) -> AsyncIterator[tuple[str, Entry]]:
         async for key in self.keys():
