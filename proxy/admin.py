@@ -74,6 +74,14 @@ def _presented(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
+async def read_object(request: Request) -> tuple[dict[str, Any], Response | None]:
+    """An admin request's JSON object body (empty: {}), or the 400/413 to answer."""
+    body, refused = await read_json(request)
+    if refused is None and not isinstance(body, dict):
+        refused = error_response(f"Expected a JSON object, got {type(body).__name__}", 400)
+    return (body if refused is None else {}), refused
+
+
 async def read_json(request: Request, max_bytes: int = 1024 * 1024) -> tuple[Any, Response | None]:
     """An admin request's JSON body (empty: {}), or the 400 to answer."""
     body = await request.body()

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from plugins.cache.store import CacheStore
-from proxy.admin import AdminGuard, error_response, json_response, read_json
+from proxy.admin import AdminGuard, error_response, json_response, read_object
 
 MAX_PAGE_SIZE = 1000
 FILTERS = {"model": "model", "customer_identifier": "customer", "endpoint": "endpoint"}
@@ -26,11 +26,9 @@ FILTERS = {"model": "model", "customer_identifier": "customer", "endpoint": "end
 
 def admin_routes(store: CacheStore, guard: AdminGuard) -> list[Route]:
     async def list_entries(request: Request) -> Response:
-        body, refused = await read_json(request)
+        body, refused = await read_object(request)
         if refused is not None:
             return refused
-        if not isinstance(body, dict):
-            return error_response("Expected a JSON object", 400)
         page, page_size = body.get("page", 1), body.get("page_size", 100)
         for name, value, top in (("page", page, None), ("page_size", page_size, MAX_PAGE_SIZE)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (top and value > top):
@@ -65,11 +63,9 @@ def admin_routes(store: CacheStore, guard: AdminGuard) -> list[Route]:
         return json_response(entry.summary(key))
 
     async def bulk_delete(request: Request) -> Response:
-        body, refused = await read_json(request)
+        body, refused = await read_object(request)
         if refused is not None:
             return refused
-        if not isinstance(body, dict):
-            return error_response("Expected a JSON object", 400)
         given = [name for name in ("cache_keys", "ids", "all") if body.get(name) not in (None, False)]
         if len(given) != 1:
             return error_response("Give exactly one of cache_keys, ids or all", 400)

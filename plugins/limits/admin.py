@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from plugins.limits.policy import ORGANIZATION, counter_key, parse_policy
 from plugins.limits.windows import bounds
-from proxy.admin import AdminGuard, error_response, json_response, read_json
+from proxy.admin import AdminGuard, error_response, json_response, read_json, read_object
 
 if TYPE_CHECKING:
     from plugins.limits import LimitsStage
@@ -62,22 +62,27 @@ def admin_routes(stage: LimitsStage, guard: AdminGuard) -> list[Route]:
             return error_response(f"No limit policy named {request.path_params['name']!r}", 404)
         return json_response(shown(*found))
 
-    async def update(request: Request) -> Response:
-        name = request.path_params["name"]
+    def editable(name: str, verb: str) -> tuple[Any, Response | None]:
+        """An admin-created policy, or the 404/403 to answer."""
         found = find(name)
         if found is None:
-            return error_response(f"No limit policy named {name!r}", 404)
+            return None, error_response(f"No limit policy named {name!r}", 404)
         if found[1] != "admin":
-            return error_response(f"Limit policy {name!r} comes from the config file and cannot be changed here", 403)
-        body, refused = await read_json(request)
+            return None, error_response(f"Limit policy {name!r} comes from the config file and cannot be {verb} here",
+                                        403)
+        return found[0], None
+
+    async def update(request: Request) -> Response:
+        name = request.path_params["name"]
+        current, refused = editable(name, "changed")
+        if refused is None:
+            body, refused = await read_object(request)
         if refused is not None:
             return refused
-        if not isinstance(body, dict):
-            return error_response("Expected a JSON object", 400)
         if body.get("name", name) != name:
             return error_response("name: a policy cannot be renamed; create a new one", 400)
         try:
-            policy = parse_policy({**msgspec.to_builtins(found[0]), **body})
+            policy = parse_policy({**msgspec.to_builtins(current), **body})
         except ValueError as exc:
             return error_response(str(exc), 400)
         await stage.store.put(policy)
@@ -85,11 +90,9 @@ def admin_routes(stage: LimitsStage, guard: AdminGuard) -> list[Route]:
 
     async def delete(request: Request) -> Response:
         name = request.path_params["name"]
-        found = find(name)
-        if found is None:
-            return error_response(f"No limit policy named {name!r}", 404)
-        if found[1] != "admin":
-            return error_response(f"Limit policy {name!r} comes from the config file and cannot be deleted here", 403)
+        _, refused = editable(name, "deleted")
+        if refused is not None:
+            return refused
         await stage.store.delete(name)
         return Response(status_code=204)
 
