@@ -933,3 +933,25 @@ def test_bad_stage_options_fail_startup(mock_upstream, amock, tmp_path):
     config = cache_config(mock_upstream, amock, tmp_path, {"defaults": {"cache_ttl": 0}})
     with pytest.raises(RuntimeError, match=r"defaults\.cache_ttl"):
         GatewayProcess(config, tmp_path).start()
+
+
+def test_memory_store_evicts_the_oldest_only_for_new_keys():
+    import asyncio
+
+    from plugins.cache.store import CacheStore, Entry
+
+    def entry(body: bytes) -> Entry:
+        now = time.time()
+        return Entry(kind="whole", body=body, client_format="openai", endpoint="chat", model="m", served_by="p/m",
+                     customer=None, created=now, expires=now + 60)
+
+    async def run() -> None:
+        store = CacheStore(max_entries=2)
+        await store.set("a", entry(b"1"))
+        await store.set("b", entry(b"2"))
+        await store.set("a", entry(b"3"))  # stored again: replaces itself, evicts nothing
+        assert (await store.get("a")).body == b"3" and (await store.get("b")) is not None
+        await store.set("c", entry(b"4"))  # a new key: the oldest goes
+        assert sorted([k async for k in store.ids()]) == ["a", "c"]
+
+    asyncio.run(run())

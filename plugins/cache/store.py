@@ -100,7 +100,8 @@ class CacheStore:
     async def set(self, key: str, entry: Entry) -> None:
         # a float: both backends keep sub-second TTLs (Redis PSETEX), so 1.9 s is not cut to 1 s
         ttl = max(entry.expires - time.time(), 0.001)
-        if not self.redis:
+        # memory: a key stored again replaces itself (and becomes the newest): nothing to evict
+        if not self.redis and self.cache._cache.pop(self.cache.build_key(key), None) is None:
             self._make_room()
         await self.cache.set(key, entry, ttl=ttl)
 
@@ -120,11 +121,11 @@ class CacheStore:
 
     async def clear(self) -> int:
         count = 0
-        async for key in self.keys():
+        async for key in self.ids():
             count += await self.delete(key)
         return count
 
-    async def keys(self) -> AsyncIterator[str]:
+    async def ids(self) -> AsyncIterator[str]:
         """Every stored key, without the namespace."""
         prefix = self.cache.build_key("")  # the backend's own: what get/delete put before a key
         if self.redis:
@@ -135,7 +136,7 @@ class CacheStore:
                 yield key[len(prefix):]
 
     async def entries(self) -> AsyncIterator[tuple[str, Entry]]:
-        async for key in self.keys():
+        async for key in self.ids():
             entry = await self.get(key)
             if entry is not None:
                 yield key, entry
