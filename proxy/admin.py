@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.errors import INVALID_KEY
+from proxy.keys import presented_key
 
 Handler = Callable[[Request], Awaitable[Response]]
 NOT_ADMIN = "This endpoint needs an admin key; gateway keys are not accepted here"
@@ -37,9 +38,13 @@ class AdminGuard:
         self._admin = [h.removeprefix("sha256:").encode() for h in admin_hashes]
         self._gateway = [h.removeprefix("sha256:").encode() for h in gateway_hashes]
 
+    def is_admin(self, key: str) -> bool:
+        digest = hashlib.sha256(key.encode()).hexdigest().encode()
+        return any([hmac.compare_digest(digest, h) for h in self._admin])
+
     def check(self, request: Request) -> Response | None:
         """None when the request carries an admin key, else the 401/403 to answer."""
-        key = _presented(request)
+        key = presented_key(request.headers)
         if key is None:
             return error_response(INVALID_KEY, 401)
         digest = hashlib.sha256(key.encode()).hexdigest().encode()
@@ -65,15 +70,6 @@ class AdminGuard:
         return guarded
 
 
-def _presented(request: Request) -> str | None:
-    authorization = request.headers.get("authorization")
-    if authorization:
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    return request.headers.get("x-api-key") or None
-
-
 async def read_object(request: Request) -> tuple[dict[str, Any], Response | None]:
     """An admin request's JSON object body (empty: {}), or the 400/413 to answer."""
     body, refused = await read_json(request)
@@ -83,10 +79,20 @@ async def read_object(request: Request) -> tuple[dict[str, Any], Response | None
 
 
 async def read_json(request: Request, max_bytes: int = 1024 * 1024) -> tuple[Any, Response | None]:
-    """An admin request's JSON body (empty: {}), or the 400 to answer."""
-    body = await request.body()
-    if len(body) > max_bytes:
-        return None, error_response(f"Request body is larger than {max_bytes} bytes", 413)
+    """An admin request's JSON body (empty: {}), or the 400/413 to answer. The body is read only
+    up to `max_bytes`: a larger one is refused before it is all in memory."""
+    too_large = error_response(f"Request body is larger than {max_bytes} bytes", 413)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        return None, too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            return None, too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
     if not body.strip():
         return {}, None
     try:

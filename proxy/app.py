@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxy import dashboard
 from proxy.endpoints import anthropic, chat, embeddings, gemini, health, models, responses, vertex
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
@@ -84,7 +85,8 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
     post_routes = [Route(path, handler, methods=["POST"]) for path, handler in fast_routes.items()]
     post_routes += [Route(prefix + "{rest:path}", handler, methods=["POST"]) for prefix, handler in prefix_routes.items()]
     starlette = Starlette(
-        routes=[*post_routes, *models.routes(gateway), *health.routes(gateway), *gateway.admin_routes()],
+        routes=[*post_routes, *models.routes(gateway), *health.routes(gateway), *gateway.admin_routes(),
+                *dashboard.routes()],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
     )

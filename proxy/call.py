@@ -72,6 +72,7 @@ class Attempt(msgspec.Struct, kw_only=True):
     status: int
     error: str | None = None
     latency: float = 0.0  # seconds
+    started_at: float = 0.0  # unix seconds when this attempt began
 
 
 class Usage(msgspec.Struct):
@@ -133,6 +134,7 @@ class Call:
         "client_wants_usage",
         "started",
         "started_at",
+        "dispatched",
         "key",
         "target",
         "plan",
@@ -181,6 +183,7 @@ class Call:
         self.client_wants_usage: bool = isinstance(opts, dict) and opts.get("include_usage") is True
         self.started = time.perf_counter()
         self.started_at = time.time()
+        self.dispatched = 0.0  # perf_counter when the first upstream attempt began (0: never)
         self.key: KeyInfo | None = None
         self.target: Target | None = None  # set by routing (or by dispatch's default resolution)
         self.plan: list[Target] = []  # ordered candidates, for stages that walk them

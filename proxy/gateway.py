@@ -8,6 +8,7 @@ exactly once per Call, whether it ended in an answer, an error or a client that 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,10 +22,14 @@ from proxy.alerts import Notifier
 from proxy.call import Call, Reply, Usage
 from proxy.catalog import load_catalog
 from proxy.errors import BadRequest, GatewayError, InternalError
+from proxy.keys import KeyRing
+from proxy.logs.api import LogsAPI
 from proxy.logs.from_call import record_for
 from proxy.logs.queue import LogQueue
+from proxy.logs.retention import run_retention
 from proxy.logs.sinks import make_sink
-from proxy.metrics import Metrics
+from proxy.logs.stores import make_store
+from proxy.metrics import CHUNK_GAP_BUCKETS, Metrics
 from proxy.model_table import ModelTable
 from proxy.pipeline import Stage, compose, load_stages
 from proxy.providers import build_adapters
@@ -68,19 +73,29 @@ class Gateway:
         self.handler = compose([stage for _, stage in self.stages], self.dispatch)
         logs = settings.logs
         self.logs = LogQueue(
-            [make_sink(s.type, s.path) for s in logs.sinks],
+            [make_sink(s) for s in logs.sinks],
             logs.spool_dir,
             self.metrics,
             maxsize=logs.queue_size,
             batch_size=logs.batch_size,
             flush_interval=logs.flush_interval,
         )
+        self.log_store = make_store(logs.sinks)
+        self.logs_api = LogsAPI(self.logs, self.log_store, self.admin, KeyRing(settings.keys),
+                                self.models.prices_for, self.metrics)
+        self._retention: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.streams: set[asyncio.Task[None]] = set()  # tasks relaying a stream right now
         self.draining = False
         self.streams_ended = False  # the shutdown deadline passed and open streams were ended
         await self.logs.start()
+        if self.log_store is not None:
+            await self.log_store.open()
+            retention = self.settings.logs.retention
+            if retention.content_days is not None or retention.delete_days is not None:
+                self._retention = asyncio.create_task(run_retention(self.log_store, retention, self.metrics),
+                                                      name="llmrelay-log-retention")
         await self.cooldowns.start()
         await self.notifier.start()
         for _, stage in self.stages:
@@ -112,10 +127,15 @@ class Gateway:
         await self.cooldowns.stop()
         await self.notifier.stop()
         await self.logs.stop(deadline)
+        if self._retention is not None:
+            self._retention.cancel()
+            await asyncio.wait({self._retention})
+        if self.log_store is not None:
+            await self.log_store.close()
 
     def admin_routes(self) -> list[Any]:
-        """Routes the stages add (cache and limit management, ...), each behind the admin key."""
-        routes: list[Any] = []
+        """The log plane's routes, and the routes the stages add (cache and limit management, ...)."""
+        routes: list[Any] = self.logs_api.routes()
         for _, stage in self.stages:
             stage_routes = getattr(stage, "routes", None)
             if stage_routes is not None:
@@ -126,6 +146,8 @@ class Gateway:
 
     async def dispatch(self, call: Call) -> Reply:
         """Terminal handler: send the Call to its Target (resolving the model when no stage did)."""
+        if not call.dispatched:
+            call.dispatched = time.perf_counter()
         target = call.target
         if target is None:
             started = time.perf_counter()
@@ -331,10 +353,18 @@ class Gateway:
         watch_done = native or with_breakdown  # the chat hot path without a breakdown: one local test a chunk
         upstream_wait = time.perf_counter()
         completed = False
+        gaps = [0] * (len(CHUNK_GAP_BUCKETS) + 1)  # inter-chunk latency, counted per histogram bucket
+        gap_total = 0.0
+        last_chunk = 0.0
         try:
             async for chunk in stream:
                 now = time.perf_counter()
                 call.upstream_time += now - upstream_wait
+                if last_chunk:
+                    gap = now - last_chunk
+                    gaps[bisect.bisect_left(CHUNK_GAP_BUCKETS, gap)] += 1
+                    gap_total += gap
+                last_chunk = now
                 out = tap.feed(chunk)
                 if call.ttft is None and tap.saw_content:
                     call.ttft = now - call.started
@@ -385,6 +415,8 @@ class Gateway:
                 call.error = f"client disconnected after {tap.events} events"
             self._settle(call, tap)
             self.metrics.in_flight.dec()
+            if gap_total:
+                self.metrics.observe_chunk_gaps(call.target.provider if call.target else "none", gaps, gap_total)
             self.finish(call)
             aclose = getattr(stream, "aclose", None)
             if aclose is not None and not completed:  # the provider iterator closes its connection

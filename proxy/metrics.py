@@ -8,6 +8,7 @@ prometheus_client; each worker then writes its values to mmap files in that fold
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,6 +24,8 @@ from proxy.call import Call
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 MAX_MODEL_LABELS = 500
+MAX_CUSTOMER_LABELS = 1000
+CHUNK_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 
@@ -93,6 +96,24 @@ class Metrics:
             "llmrelay_limit_backend_errors", "Limit checks the counter backend could not answer, by outcome (open, closed)",
             ["outcome"], registry=r,
         )
+        self.chunk_gap = Histogram(
+            "llmrelay_stream_chunk_gap_seconds", "Inter-chunk latency: time between two chunks of a stream",
+            ["provider"], buckets=CHUNK_GAP_BUCKETS, registry=r,
+        )
+        self.queue_time = Histogram(
+            "llmrelay_queue_time_seconds", "Time from a request's arrival to its first upstream attempt",
+            buckets=OVERHEAD_BUCKETS, registry=r,
+        )
+        self.customer_cost = Counter(
+            "llmrelay_customer_cost_usd", f"Cost in USD by customer_identifier (the first {MAX_CUSTOMER_LABELS} "
+            "customers; the rest as 'other'; 'none' without one)", ["customer"], registry=r,
+        )
+        self.logs_ingested = Counter(
+            "llmrelay_logs_ingested", "Log records received by the ingestion API, by endpoint", ["endpoint"], registry=r
+        )
+        self.log_retention = Counter(
+            "llmrelay_log_retention_rows", "Log rows retention blurred or deleted", ["action"], registry=r
+        )
         self.alerts_sent = Counter("llmrelay_alerts_sent", "Alerts delivered, by channel", ["channel"], registry=r)
         self.alerts_failed = Counter(
             "llmrelay_alerts_failed", "Alerts given up after all retries (or dropped when the queue was full), by channel",
@@ -103,6 +124,7 @@ class Metrics:
         # Every label value lives in the registry for good: past this many model names, new
         # ones are counted as "other", so no client can grow /metrics without bound.
         self._models: set[str] = set()
+        self._customers: dict[str, Any] = {}  # customer -> its customer_cost child
 
     def observe(self, call: Call) -> None:
         """Record one finished request. Runs on the request path: no I/O beyond mmap writes."""
@@ -142,6 +164,28 @@ class Metrics:
             completion_tokens.inc(call.usage.completion_tokens)
         if call.cost:
             cost.inc(call.cost)
+            customer = call.params.customer() or "none"
+            child = self._customers.get(customer)
+            if child is None:
+                if len(self._customers) >= MAX_CUSTOMER_LABELS:
+                    customer = "other"
+                child = self._customers.get(customer) or self.customer_cost.labels(customer)
+                if len(self._customers) < MAX_CUSTOMER_LABELS or customer == "other":
+                    self._customers[customer] = child
+            child.inc(call.cost)
+        if call.dispatched:
+            self.queue_time.observe(call.dispatched - call.started)
+
+    def observe_chunk_gaps(self, provider: str, counts: list[int], total: float) -> None:
+        """Add one stream's inter-chunk gaps, counted per CHUNK_GAP_BUCKETS bucket by the relay
+        (`counts` has one more slot for +Inf), to the histogram in one step instead of one
+        observe() per chunk. prometheus_client has no public bulk-observe: this writes the
+        histogram child's bucket and sum values the way observe() does."""
+        child = self.chunk_gap.labels(provider)
+        for i, n in enumerate(counts):
+            if n:
+                child._buckets[i].inc(n)
+        child._sum.inc(total)
 
     def render(self) -> tuple[bytes, str]:
         if self.multiprocess:

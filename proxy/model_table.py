@@ -142,6 +142,22 @@ class ModelTable:
             self._resolved[requested] = target
         return target
 
+    def prices_for(self, name: str) -> Prices | None:
+        """Prices of a model by any name a log may carry: a configured name or alias, a
+        provider/model slug, or a bare catalog name (the first provider that lists it)."""
+        try:
+            prices = self.resolve(name).prices
+        except ModelNotFound:
+            prices = None
+        if prices is not None:
+            return prices
+        prefix, slash, rest = name.partition("/")
+        provider = self.catalog.provider(prefix) if slash else None
+        spec = self.catalog.spec(provider.id, rest) if provider is not None else None
+        if spec is None and self.catalog.by_name.get(name):
+            spec = self.catalog.by_name[name][0]
+        return spec_prices(spec) if spec is not None else None
+
     def on_provider(self, target: Target, provider_id: str) -> Target:
         """The same upstream model served by another configured provider (X-Respan-Route-Provider)."""
         if provider_id == target.provider:

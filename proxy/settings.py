@@ -113,8 +113,25 @@ class StageEntry(Struct):
 
 
 class LogSink(Struct):
-    type: Literal["sqlite", "jsonl"]
-    path: str
+    type: Literal["sqlite", "jsonl", "postgres", "http"]
+    path: str | None = None  # sqlite, jsonl: the file
+    dsn: str | None = None  # postgres: postgresql://user[:password]@host:port/db (put a password in ${VAR})
+    url: str | None = None  # http: the receiving ingestion endpoint, e.g. http://other:8080/api/v1/traces/ingest
+    api_key: str | None = None  # http: the receiving end's key, sent as Bearer (a secret: use ${VAR})
+    pool_size: int = 4  # postgres: connections
+    timeout: float = 10.0  # http: seconds per request
+    retries: int = 3  # http: tries per batch before it goes to the spool (replayed later)
+
+
+REQUIRED_SINK_FIELD = {"sqlite": "path", "jsonl": "path", "postgres": "dsn", "http": "url"}
+
+
+class Retention(Struct):
+    """Log retention, applied in the background by the queried store (pinned logs are exempt)."""
+
+    content_days: float | None = None  # after this many days, content fields are cleared (blurred)
+    delete_days: float | None = None  # after this many days, log rows are deleted
+    interval: float = 600.0  # seconds between retention passes
 
 
 class Logs(Struct):
@@ -123,6 +140,7 @@ class Logs(Struct):
     flush_interval: float = 0.2
     spool_dir: str = f"{DATA_DIR}/spool"
     sinks: list[LogSink] = msgspec.field(default_factory=lambda: [LogSink(type="sqlite", path=f"{DATA_DIR}/logs.db")])
+    retention: Retention = msgspec.field(default_factory=Retention)
 
 
 class Backend(Struct):
@@ -297,6 +315,21 @@ def check(settings: Settings) -> None:
     for i, t in enumerate(types):
         if t in types[:i]:
             raise ConfigError(f"{src}: $.logs.sinks[{i}].type: a {t} sink is already declared; one sink per type")
+    for i, sink in enumerate(settings.logs.sinks):
+        required = REQUIRED_SINK_FIELD[sink.type]
+        if not getattr(sink, required):
+            raise ConfigError(f"{src}: $.logs.sinks[{i}].{required}: required for a {sink.type} sink")
+        if sink.type == "postgres" and not sink.dsn.startswith(("postgresql://", "postgres://")):  # type: ignore[union-attr]
+            raise ConfigError(f"{src}: $.logs.sinks[{i}].dsn: expected a postgresql:// URL")
+        if sink.type == "http" and not sink.url.startswith(("http://", "https://")):  # type: ignore[union-attr]
+            raise ConfigError(f"{src}: $.logs.sinks[{i}].url: expected an http:// or https:// URL")
+    retention = settings.logs.retention
+    for name in ("content_days", "delete_days"):
+        value = getattr(retention, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{src}: $.logs.retention.{name}: expected a number of days > 0")
+    if retention.interval <= 0:
+        raise ConfigError(f"{src}: $.logs.retention.interval: expected seconds > 0")
     if settings.cooldowns.failures < 1:
         raise ConfigError(f"{src}: $.cooldowns.failures: expected at least 1")
     for name in ("cache", "counters", "cooldowns"):

@@ -114,6 +114,7 @@ class LimitsStage:
         applied = self.charges(call, matched, now)
         decision = await self._reserve(call, applied, now)
         if decision is not None:
+            call.state["limit_info"] = limit_info(applied, decision)  # the log detail's limit_info
             if not decision.admitted:
                 raise self._refuse(call, applied, decision)
             for a, value in zip(applied, decision.values, strict=True):
@@ -317,6 +318,17 @@ class LimitsStage:
             task.cancel()
         with contextlib.suppress(Exception):
             await self.counters.close()
+
+
+def limit_info(applied: list[Applied], decision: Decision) -> dict[str, Any]:
+    """What the log detail shows (spec 2.4): each policy's counter before and after this request."""
+    limits = []
+    for a, value in zip(applied, decision.values, strict=True):
+        before, after = (value - a.charge.amount, value) if decision.admitted else (value, value + a.charge.amount)
+        threshold = a.policy.block_threshold if a.policy.block_threshold is not None else a.policy.warn_threshold
+        limits.append({"name": a.policy.name, "current_value": round(before, 10), "new_value": round(after, 10),
+                       "limit_value": threshold, "is_within_limit": threshold is None or after <= threshold})
+    return {"is_allowed": decision.admitted, "limits": limits}
 
 
 def rate_limit_headers(applied: list[Applied], now: float, values: list[float] | None = None) -> dict[str, str]:

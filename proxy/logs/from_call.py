@@ -81,6 +81,7 @@ def record_for(call: Call) -> LogRecord:
         environment=call.key.environment if call.key else None,
         ip_address=call.client_ip,
         cache_hit=call.cache_hit,
+        limit_info=call.state.get("limit_info"),
         temperature=_number(call.body.get("temperature")),
         max_tokens=_int(call.body.get("max_tokens") or call.body.get("max_completion_tokens")
                         or call.body.get("max_output_tokens")),

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from proxy.logs.record import LogRecord
@@ -59,23 +60,57 @@ class LogQueue:
         self._stopped = False
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()  # a full batch is waiting, or stop() wants the writer
+        # put_and_wait: records queued so far, records the writer has handled (written or
+        # spooled), and who waits for which count; the queue is FIFO, so counts order them.
+        self._queued = 0
+        self._handled = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @property
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def put(self, record: LogRecord) -> None:
-        """Hand a record to the writer. Never blocks on the writer and never raises."""
+    def put(self, record: LogRecord) -> bool:
+        """Hand a record to the writer. Never blocks on the writer and never raises.
+        False: the queue was full (or closing) and the record went to the spool at once."""
         if not self._closing:
             try:
                 self._queue.put_nowait(record)
+                self._queued += 1
                 if self._queue.qsize() >= self._batch_size:
                     self._ready.set()
-                return
+                return True
             except asyncio.QueueFull:
                 pass
         # A local append to the page cache (no fsync): the queue is full or we are stopping.
         self._spool.append(self._names, (record,))
+        return False
+
+    async def put_and_wait(self, records: Iterable[LogRecord]) -> None:
+        """Put records, then wait until the writer has written them to every sink or spooled
+        them (the ingestion API's `block: true`)."""
+        queued = False
+        for record in records:
+            queued = self.put(record) or queued
+        if not queued or self._stopped:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._queued, waiter))
+        self._ready.set()  # do not sit out the flush interval: someone is waiting
+        await waiter
+
+    def _handled_up_to(self, count: int) -> None:
+        self._handled += count
+        while self._waiters and self._waiters[0][0] <= self._handled:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _release_waiters(self) -> None:
+        while self._waiters:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def start(self) -> None:
         for st in self._states:
@@ -104,6 +139,7 @@ class LogQueue:
         leftover = self._drain_nowait()
         if leftover:
             await asyncio.to_thread(self._spool.append, self._names, leftover)
+        self._release_waiters()
         await asyncio.to_thread(self._spool.close)
         for st in self._states:
             try:
@@ -126,7 +162,10 @@ class LogQueue:
                 else:
                     batch = await self._next_batch(next_replay)
                 if batch:
-                    await self._write(batch)
+                    try:
+                        await self._write(batch)
+                    finally:  # written or spooled, either way
+                        self._handled_up_to(len(batch))
                 self._metrics.log_queue_depth.set(self._queue.qsize())
                 if not self._closing and loop.time() >= next_replay:
                     await self._replay_all()
@@ -139,7 +178,7 @@ class LogQueue:
     async def _next_batch(self, wait_until: float) -> list[LogRecord]:
         """Up to batch_size records, once a full batch waits or flush_interval has passed
         (never later than `wait_until`). The writer wakes per batch, not per record."""
-        if self._queue.qsize() < self._batch_size and not self._closing:
+        if self._queue.qsize() < self._batch_size and not self._closing and not self._waiters:
             self._ready.clear()
             loop = asyncio.get_running_loop()
             with contextlib.suppress(TimeoutError):

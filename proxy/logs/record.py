@@ -1,4 +1,5 @@
-"""LogRecord: one row per client request, in the field names of the spec's log schema (section 6.1)."""
+"""LogRecord: one row per client request or ingested span, in the field names of the spec's log
+schema (sections 2.3 and 6.1). Gateway logs and ingested logs share it, and every sink stores it."""
 
 from __future__ import annotations
 
@@ -48,11 +49,30 @@ class LogRecord(msgspec.Struct, kw_only=True):
     span_name: str | None = None
     span_parent_id: str | None = None
     span_workflow_name: str | None = None
+    span_unique_id: str | None = None
+    trace_name: str | None = None
+    trace_group_identifier: str | None = None
+    span_path: str | None = None
+    span_handoffs: list[Any] | None = None
+    span_tools: list[Any] | None = None
+    evaluation_identifier: str | None = None
+    prompt_id: str | None = None
+    prompt_name: str | None = None
+    prompt_version_number: int | None = None
+    variables: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     properties: dict[str, Any] | None = None
+    customer_email: str | None = None
+    customer_name: str | None = None
     key_name: str | None = None  # organization_key__name
     environment: str | None = None
     ip_address: str | None = None
+    limit_info: dict[str, Any] | None = None  # the limit policies that applied, as checked
+    # set after the fact (PATCH) and by retention
+    note: str | None = None
+    positive_feedback: bool | None = None
+    is_pinned: bool = False  # exempt from retention
+    blurred: bool = False  # retention purged the content fields
     # content: dropped when disable_log is set
     prompt_messages: list[Any] | None = None
     completion_message: Any = None
@@ -60,9 +80,22 @@ class LogRecord(msgspec.Struct, kw_only=True):
     tools: list[Any] | None = None
     tool_calls: list[Any] | None = None
     full_request: dict[str, Any] | None = None
+    full_response: Any = None
+    reasoning: list[Any] | None = None
+    input: Any = None  # non-chat log types: the universal input (chat keeps prompt_messages)
+    output: Any = None  # non-chat log types: the universal output (chat keeps completion_message)
+    ideal_output: str | None = None
     # sampling params echoed for filtering
     temperature: float | None = None
     max_tokens: int | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    n: int | None = None
+    stop: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+    reasoning_effort: str | None = None
 
 
 # Columns that are content: disable_log drops them (spec 3.6).
@@ -73,6 +106,12 @@ CONTENT_FIELDS = (
     "tools",
     "tool_calls",
     "full_request",
+    "full_response",
+    "reasoning",
+    "input",
+    "output",
+    "ideal_output",
+    "variables",
 )
 
 encoder = msgspec.json.Encoder()

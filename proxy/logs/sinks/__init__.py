@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from proxy.logs.record import LogRecord
+from proxy.settings import LogSink
 
 
 class Sink(Protocol):
@@ -24,13 +25,22 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
-def make_sink(type: str, path: str) -> Sink:
-    if type == "sqlite":
+def make_sink(config: LogSink) -> Sink:
+    """The sink a config entry describes (settings validation made sure its fields are there)."""
+    if config.type == "sqlite":
         from proxy.logs.sinks.sqlite import SQLiteSink
 
-        return SQLiteSink(path)
-    if type == "jsonl":
+        return SQLiteSink(config.path or "")
+    if config.type == "jsonl":
         from proxy.logs.sinks.jsonl import JSONLSink
 
-        return JSONLSink(path)
-    raise ValueError(f"unknown log sink type {type!r}: expected 'sqlite' or 'jsonl'")
+        return JSONLSink(config.path or "")
+    if config.type == "postgres":
+        from proxy.logs.sinks.postgres import PostgresSink
+
+        return PostgresSink(config.dsn or "", pool_size=config.pool_size)
+    if config.type == "http":
+        from proxy.logs.sinks.http import HTTPSink
+
+        return HTTPSink(config.url or "", api_key=config.api_key, timeout=config.timeout, retries=config.retries)
+    raise ValueError(f"unknown log sink type {config.type!r}: expected sqlite, jsonl, postgres or http")

@@ -4,44 +4,15 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
-
-import msgspec
-import orjson
+from typing import Any
 
 from proxy.logs.record import LogRecord
+from proxy.logs.schema import COLUMNS, INDEXES, KINDS, TABLE, decode_row, row_of
 from proxy.logs.sinks.threaded import ThreadedSink
 
-TABLE = "request_logs"
-INDEXED = ("timestamp", "customer_identifier", "model", "status_code", "thread_identifier")
-
-_SCALARS = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
-
-
-def _column_kind(tp: Any) -> str:
-    """'TEXT' | 'INTEGER' | 'REAL' | 'BOOL' | 'JSON' for one LogRecord field type."""
-    if get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            tp = args[0]
-    if tp is bool:
-        return "BOOL"
-    if tp in _SCALARS:
-        return _SCALARS[tp]
-    return "JSON"
-
-
-FIELDS = msgspec.structs.fields(LogRecord)
-COLUMNS = tuple(f.name for f in FIELDS)
-KINDS = {f.name: _column_kind(f.type) for f in FIELDS}
-JSON_COLUMNS = tuple(name for name in COLUMNS if KINDS[name] == "JSON")
-BOOL_COLUMNS = tuple(name for name in COLUMNS if KINDS[name] == "BOOL")
-_JSON_POSITIONS = tuple(i for i, name in enumerate(COLUMNS) if KINDS[name] == "JSON")
 _SQL_TYPES = {"TEXT": "TEXT", "INTEGER": "INTEGER", "REAL": "REAL", "BOOL": "INTEGER", "JSON": "TEXT"}
-
 _ROW_PLACEHOLDERS = "(" + ", ".join("?" * len(COLUMNS)) + ")"
 
 
@@ -65,20 +36,8 @@ def _column_def(name: str) -> str:
     return f"{name} {sql_type} PRIMARY KEY" if name == "unique_id" else f"{name} {sql_type}"
 
 
-def _dumps(value: Any) -> str:
-    # `default` covers msgspec Structs that end up inside Any-typed fields.
-    return orjson.dumps(value, default=msgspec.to_builtins).decode()
-
-
-def _row(record: LogRecord) -> list[Any]:
-    row = list(msgspec.structs.astuple(record))
-    for i in _JSON_POSITIONS:
-        if row[i] is not None:
-            row[i] = _dumps(row[i])
-    return row  # bools go in as 0/1: bool is an int subclass
-
-
-def _connect(path: str) -> sqlite3.Connection:
+def connect(path: str) -> sqlite3.Connection:
+    """A connection to the log database, with the table, its new columns and indexes in place."""
     # timeout = busy wait: several gateway workers may share one database file.
     conn = sqlite3.connect(path, timeout=10.0)
     try:
@@ -91,8 +50,8 @@ def _connect(path: str) -> sqlite3.Connection:
             for name in COLUMNS:
                 if name not in existing:
                     conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN {_column_def(name)}")
-            for name in INDEXED:
-                conn.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_{name} ON {TABLE} ({name})")
+            for name, columns in INDEXES.items():
+                conn.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_{name} ON {TABLE} ({', '.join(columns)})")
     except BaseException:
         conn.close()
         raise
@@ -115,7 +74,7 @@ class SQLiteSink(ThreadedSink):
     def _open(self) -> None:
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = _connect(str(self.path))
+            self._conn = connect(str(self.path))
 
     def _write(self, records: list[LogRecord]) -> None:
         if self._conn is None:
@@ -126,7 +85,7 @@ class SQLiteSink(ThreadedSink):
             while start < len(records):
                 # a few fixed statement sizes, so the prepared statements stay cached
                 size = next(n for n in STATEMENT_ROWS if n <= min(most, len(records) - start))
-                params = [value for r in records[start : start + size] for value in _row(r)]
+                params = [value for r in records[start : start + size] for value in row_of(r)]  # bools go in as 0/1
                 self._conn.execute(_insert(size), params)
                 start += size
 
@@ -151,14 +110,4 @@ def read_records(path: str | Path, where: str = "", args: Sequence[Any] = ()) ->
         rows = conn.execute(f"SELECT * FROM {TABLE} {clause}", tuple(args)).fetchall()
     finally:
         conn.close()
-    out = []
-    for row in rows:
-        item = dict(row)
-        for name in JSON_COLUMNS:
-            if item.get(name) is not None:
-                item[name] = orjson.loads(item[name])
-        for name in BOOL_COLUMNS:
-            if item.get(name) is not None:
-                item[name] = bool(item[name])
-        out.append(item)
-    return out
+    return [decode_row(dict(row)) for row in rows]
