@@ -244,3 +244,49 @@ def test_model_label_values_are_capped():
     assert len(families) == MAX_MODEL_LABELS + 1
     assert metrics.registry.get_sample_value(
         "llmrelay_requests_total", {"model": "other", "provider": "mock", "status": "404"}) == 50
+
+
+def test_chunk_gaps_queue_time_and_customer_spend(start_gateway, mock):
+    """Inter-chunk latency (one observation per gap, bulk-added at the stream's end), the time to
+    the first upstream attempt, and spend per customer."""
+    gw = start_gateway()
+    client = OpenAI(base_url=f"{gw.url}/api", api_key=KEY, max_retries=0)
+    with client.chat.completions.with_streaming_response.create(
+            model="mock/mock-slow-5", messages=MESSAGES, stream=True) as s:
+        chunks = [c for c in s.parse() if c.choices and c.choices[0].delta.content]
+    assert len(chunks) == 5
+    for customer in ("acme", "acme", "globex"):
+        client.chat.completions.create(model="gpt-test", messages=MESSAGES, extra_body={"customer_identifier": customer})
+    client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    m = scrape(gw)
+    assert m.type_of("llmrelay_stream_chunk_gap_seconds") == "histogram"
+    gaps = m.get("llmrelay_stream_chunk_gap_seconds_count", provider="mock")
+    assert gaps >= 4  # 5 content chunks, one every 50 ms, then the closing ones
+    assert m.get("llmrelay_stream_chunk_gap_seconds_bucket", provider="mock", le="0.025") < gaps  # the 50 ms gaps
+    assert m.get("llmrelay_stream_chunk_gap_seconds_bucket", provider="mock", le="+Inf") == gaps
+    assert 0.2 <= m.get("llmrelay_stream_chunk_gap_seconds_sum", provider="mock") < 5
+    assert m.get("llmrelay_queue_time_seconds_count") == 5  # every request that reached an upstream
+    assert m.get("llmrelay_customer_cost_usd_total", customer="acme") == pytest.approx(2 * GPT_TEST_COST, rel=1e-6)
+    assert m.get("llmrelay_customer_cost_usd_total", customer="globex") == pytest.approx(GPT_TEST_COST, rel=1e-6)
+    assert m.get("llmrelay_customer_cost_usd_total", customer="none") == pytest.approx(GPT_TEST_COST, rel=1e-6)
+
+
+def test_customer_label_values_are_capped():
+    from proxy.call import Call, Target
+    from proxy.metrics import MAX_CUSTOMER_LABELS, Metrics
+    from proxy.params import split_params
+
+    metrics = Metrics()
+    target = Target(provider="p", protocol="openai", model="m")
+    for i in range(MAX_CUSTOMER_LABELS + 50):
+        call = Call(endpoint="chat", path="/", body={}, params=split_params({"customer_identifier": f"c{i}"}, None, None),
+                    headers={})
+        call.target, call.cost, call.status_code = target, 1.0, 200
+        metrics.observe(call)
+    values = {s.labels["customer"]: s.value for s in Scrape(generate(metrics)).samples
+              if s.name == "llmrelay_customer_cost_usd_total"}
+    assert len(values) == MAX_CUSTOMER_LABELS + 1 and values["other"] == 50
+
+
+def generate(metrics) -> str:
+    return metrics.render()[0].decode()

@@ -86,6 +86,17 @@ def record_for(call: Call) -> LogRecord:
         max_tokens=_int(call.body.get("max_tokens") or call.body.get("max_completion_tokens")
                         or call.body.get("max_output_tokens")),
     )
+    body = call.body
+    if len(body) > 3:  # sampling params echoed for filtering (spec 2.3 "config echo"), when sent
+        record.top_p = _number(body.get("top_p"))
+        record.frequency_penalty = _number(body.get("frequency_penalty"))
+        record.presence_penalty = _number(body.get("presence_penalty"))
+        record.n = _int(body.get("n"))
+        record.stop = body.get("stop")
+        record.tool_choice = body.get("tool_choice")
+        record.response_format = body.get("response_format")
+        effort = body.get("reasoning_effort")
+        record.reasoning_effort = effort if isinstance(effort, str) else None
     if not params.disable_log and record.log_type == "embedding":
         # The prompt is the `input`, logged in full_request (the provider params: model, input,
         # encoding_format, dimensions, user); there are no messages. The vectors are never
