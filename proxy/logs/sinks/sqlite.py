@@ -36,10 +36,10 @@ def _column_def(name: str) -> str:
     return f"{name} {sql_type} PRIMARY KEY" if name == "unique_id" else f"{name} {sql_type}"
 
 
-def connect(path: str) -> sqlite3.Connection:
+def connect(path: str, *, check_same_thread: bool = True) -> sqlite3.Connection:
     """A connection to the log database, with the table, its new columns and indexes in place."""
     # timeout = busy wait: several gateway workers may share one database file.
-    conn = sqlite3.connect(path, timeout=10.0)
+    conn = sqlite3.connect(path, timeout=10.0, check_same_thread=check_same_thread)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")

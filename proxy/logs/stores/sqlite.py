@@ -35,7 +35,9 @@ class SQLiteLogStore:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = connect(str(self.path))
+            # used by this thread only; close() closes it from the event loop's thread once the
+            # executor has stopped
+            conn = connect(str(self.path), check_same_thread=False)
             self._local.conn = conn
             self._all.append(conn)
         return conn
@@ -137,27 +139,29 @@ class SQLiteLogStore:
     async def purge(self, *, content_before: float | None, delete_before: float | None,
                     batch: int = 1000) -> tuple[int, int]:
         cleared = ", ".join(f"{name} = NULL" for name in PURGED)
+        kept = "COALESCE(is_pinned, 0) = 0"  # a column added by a migration is NULL in old rows
 
-        def step() -> tuple[int, int]:
+        def delete_step() -> int:
             # one short transaction per batch, so the sink's writes never wait long
-            conn = self._conn()
-            blurred = deleted = 0
-            with conn:
-                if delete_before is not None:
-                    deleted = conn.execute(
-                        f"DELETE FROM {TABLE} WHERE rowid IN (SELECT rowid FROM {TABLE} WHERE timestamp < ?1 "
-                        f"AND NOT is_pinned LIMIT ?2)", [delete_before, batch]).rowcount
-                if content_before is not None:
-                    blurred = conn.execute(
-                        f"UPDATE {TABLE} SET {cleared}, blurred = 1 WHERE rowid IN (SELECT rowid FROM {TABLE} "
-                        f"WHERE timestamp < ?1 AND NOT blurred AND NOT is_pinned LIMIT ?2)",
-                        [content_before, batch]).rowcount
-            return blurred, deleted
+            with self._conn() as conn:
+                return conn.execute(f"DELETE FROM {TABLE} WHERE rowid IN (SELECT rowid FROM {TABLE} "
+                                    f"WHERE timestamp < ?1 AND {kept} LIMIT ?2)", [delete_before, batch]).rowcount
 
-        total_blurred = total_deleted = 0
+        def blur_step() -> int:
+            with self._conn() as conn:
+                return conn.execute(f"UPDATE {TABLE} SET {cleared}, blurred = 1 WHERE rowid IN (SELECT rowid "
+                                    f"FROM {TABLE} WHERE timestamp < ?1 AND COALESCE(blurred, 0) = 0 AND {kept} "
+                                    f"LIMIT ?2)", [content_before, batch]).rowcount
+
+        # deletes first, so that rows about to go are not blurred on the way
+        deleted = await self._repeat(delete_step, batch) if delete_before is not None else 0
+        blurred = await self._repeat(blur_step, batch) if content_before is not None else 0
+        return blurred, deleted
+
+    async def _repeat(self, step: Callable[[], int], batch: int) -> int:
+        total = 0
         while True:
-            blurred, deleted = await self._run(step)
-            total_blurred += blurred
-            total_deleted += deleted
-            if blurred < batch and deleted < batch:
-                return total_blurred, total_deleted
+            done = await self._run(step)
+            total += done
+            if done < batch:
+                return total
