@@ -149,3 +149,20 @@ def test_put_and_wait_returns_after_the_write(tmp_path: Path) -> None:
         await queue.stop()
 
     asyncio.run(asyncio.wait_for(main(), 4))
+
+
+@pytest.mark.parametrize(("params", "body", "index"), [
+    ({}, {}, "request_logs_timestamp"),
+    ({}, {"filters": {"customer_identifier": {"operator": "", "value": ["c"]}}}, "request_logs_customer_time"),
+    ({}, {"filters": {"model": {"operator": "", "value": ["m"]}}}, "request_logs_model_time"),
+    ({}, {"filters": {"trace_unique_id": {"operator": "", "value": ["t"]}}}, "request_logs_trace"),
+])
+def test_list_queries_use_an_index(tmp_path: Path, params: dict[str, str], body: dict, index: str) -> None:
+    from proxy.logs.sinks.sqlite import connect
+
+    conn = connect(str(tmp_path / "logs.db"))
+    page, count, args = sql.list_sql(parse_query(params, body, now=1000.0), sql.SQLITE)
+    for statement, values in ((page, args), (count, args[:-2])):
+        plan = " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", values))
+        assert index in plan and "SCAN request_logs" not in plan.replace(f"USING INDEX {index}", ""), plan
+    conn.close()
