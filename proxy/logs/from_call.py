@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from proxy.call import Call
-from proxy.logs.record import LogRecord
+from proxy.logs.record import LogRecord, tokens_per_second
 from proxy.sse_gemini import prompt_messages as gemini_prompt_messages
 
 # Call.endpoint -> log_type (spec 2.3)
@@ -17,13 +17,6 @@ LOG_TYPES = {"chat": "chat", "embeddings": "embedding", "anthropic.messages": "c
              "gemini.generateContent": "chat", "gemini.streamGenerateContent": "chat",
              "gemini.countTokens": "count_tokens", "gemini.embedContent": "embedding",
              "gemini.batchEmbedContents": "embedding"}
-
-
-def _tokens_per_second(call: Call, latency: float) -> float | None:
-    if not call.usage.completion_tokens:
-        return None
-    generation = latency - (call.ttft or 0.0)
-    return round(call.usage.completion_tokens / generation, 3) if generation > 0 else None
 
 
 def record_for(call: Call) -> LogRecord:
@@ -65,7 +58,7 @@ def record_for(call: Call) -> LogRecord:
         latency=latency,
         time_to_first_token=call.ttft,
         routing_time=call.routing_time,
-        tokens_per_second=_tokens_per_second(call, latency),
+        tokens_per_second=tokens_per_second(usage.completion_tokens, latency, call.ttft),
         customer_identifier=params.customer(),
         customer_params=params.customer_params,
         thread_identifier=params.thread_identifier,

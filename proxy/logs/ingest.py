@@ -20,7 +20,7 @@ import orjson
 
 from proxy.call import KeyInfo, Prices, Usage, new_id
 from proxy.logs.query import QueryError, parse_time
-from proxy.logs.record import CONTENT_FIELDS, LogRecord
+from proxy.logs.record import CONTENT_FIELDS, LogRecord, tokens_per_second
 from proxy.logs.schema import iso
 
 LOG_TYPES = frozenset({"chat", "text", "completion", "response", "embedding", "transcription", "speech", "workflow",
@@ -319,9 +319,9 @@ def _to_record(payload: Any, key: KeyInfo | None, prices: PriceLookup, log_metho
     )
     _content(record, p)
     _cost(record, p, usage, prices)
-    if record.tokens_per_second is None and record.completion_tokens:
-        generation = record.latency - (record.time_to_first_token or 0.0)
-        record.tokens_per_second = round(record.completion_tokens / generation, 3) if generation > 0 else None
+    if record.tokens_per_second is None:
+        record.tokens_per_second = tokens_per_second(record.completion_tokens, record.latency,
+                                                     record.time_to_first_token)
     if p.get("disable_log") is True:
         for name in CONTENT_FIELDS:
             setattr(record, name, None)

@@ -114,5 +114,13 @@ CONTENT_FIELDS = (
     "variables",
 )
 
+def tokens_per_second(completion_tokens: int, latency: float, ttft: float | None) -> float | None:
+    """Completion tokens over the generation time (the latency after the first token)."""
+    if not completion_tokens:
+        return None
+    generation = latency - (ttft or 0.0)
+    return round(completion_tokens / generation, 3) if generation > 0 else None
+
+
 encoder = msgspec.json.Encoder()
 decoder = msgspec.json.Decoder(LogRecord)
