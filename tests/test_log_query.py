@@ -71,6 +71,7 @@ def test_percentiles_interpolate_inside_buckets() -> None:
     assert result["latency"]["p50"] == pytest.approx(0.15)
     assert result["latency"]["p99"] == pytest.approx(0.199)
     assert result["time_to_first_token"] == {"p50": None, "p90": None, "p99": None}
+    assert result["counts"] == {"latency": 100, "time_to_first_token": 0}
 
 
 def test_usage_shapes() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -270,6 +271,18 @@ class LogsAPI:
 
     # -- the dashboard's figures -----------------------------------------------------------
 
+    async def _percentiles(self, query: LogQuery) -> dict[str, Any]:
+        """Latency and TTFT p50/p90/p99: exact over small ranges, else interpolated in buckets."""
+        assert self.store is not None
+        approximate = await self.store.percentiles(query)
+        counts = approximate.pop("counts", None) or {}
+        for column in ("latency", "time_to_first_token"):
+            count = counts.get(column, 0)
+            if 0 < count <= EXACT_PERCENTILES_UP_TO:
+                approximate[column] = {name: await _exact_percentile(self.store, query, column, count, q)
+                                       for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
+        return approximate
+
     async def stats(self, request: Request) -> Response:
         """Time series and breakdowns for /dashboard over the query's range (default: 24 hours)."""
         query, refused = await self._query(request, default_window=86400.0)
@@ -281,7 +294,7 @@ class LogsAPI:
         size = next((b for b in BUCKETS if span / b <= 120), BUCKETS[-1])
         bucket = sql.bucket_expr(store.dialect, size)
         summary = await store.summary(query)
-        percentiles = await store.percentiles(query)
+        percentiles = await self._percentiles(query)
         series = await store.groups(query, bucket, limit=1000, order="grp ASC")
         by_model = await store.groups(query, "model", limit=10)
         by_customer = await store.groups(query, "customer_identifier", limit=10)
@@ -325,6 +338,18 @@ def _store_errors(handler: Handler) -> Handler:
             return error_response(f"The log store is unavailable: {type(exc).__name__}", 503)
 
     return guarded
+
+
+EXACT_PERCENTILES_UP_TO = 20_000  # rows; past this, percentiles come from histogram buckets in one pass
+
+
+async def _exact_percentile(store: LogStore, query: LogQuery, column: str, count: int, q: float) -> float | None:
+    """The nearest-rank percentile: the row at rank ceil(q * count) in `column` order."""
+    rank = max(math.ceil(q * count), 1)
+    narrowed = LogQuery(**{**_fields(query), "all_of": [*query.all_of, condition(column, "isnull", [False], where=column)],
+                           "sort_column": column, "descending": False, "page": rank, "page_size": 1})
+    _, rows = await store.list(narrowed)
+    return rows[0][column] if rows else None
 
 
 def _spans(body: Any) -> list[tuple[str, Any]]:

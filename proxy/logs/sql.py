@@ -48,7 +48,9 @@ class PostgresDialect(Dialect):
         return key
 
     def as_text(self, column: str) -> str:
-        return f"({column})::text" if KINDS.get(column) == "JSON" else column
+        # text operators (contains, iexact, ...) on a number, flag or JSON column: PostgreSQL
+        # has no implicit cast to text, unlike SQLite
+        return column if KINDS.get(column) == "TEXT" else f"({column})::text"
 
     def bool_value(self, value: bool) -> Any:
         return value
@@ -222,9 +224,10 @@ def percentiles_sql(query: LogQuery, dialect: Dialect) -> tuple[str, list[Any]]:
 
 
 def percentiles_of(row: tuple[Any, ...] | list[Any], quantiles: tuple[float, ...] = (0.5, 0.9, 0.99)) -> dict[str, Any]:
-    """{"latency": {"p50": s, ...}, "time_to_first_token": {...}} by linear interpolation in the buckets."""
+    """{"latency": {"p50": s, ...}, "time_to_first_token": {...}, "counts": {column: n}} by linear
+    interpolation in the buckets."""
     n = len(PERCENTILE_EDGES)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"counts": {"latency": int(row[0] or 0), "time_to_first_token": int(row[1] or 0)}}
     for i, column in enumerate(("latency", "time_to_first_token")):
         total = int(row[i] or 0)
         cumulative = [int(v or 0) for v in row[2 + i * n: 2 + (i + 1) * n]]
