@@ -64,6 +64,10 @@ class Metrics:
         self.log_spilled = Counter(
             "llmrelay_log_records_spilled", "Log records spilled to the local spool (queue full or sink down)", registry=r
         )
+        self.log_rejected = Counter(
+            "llmrelay_log_records_rejected", "Log records a sink refused for good, kept in <sink>.rejected.jsonl "
+            "in the spool folder", ["sink"], registry=r,
+        )
         self.log_replayed = Counter("llmrelay_log_records_replayed", "Spooled log records replayed into a sink", registry=r)
         self.log_spool_errors = Counter(
             "llmrelay_log_spool_errors", "Failures to write the spool itself (disk full, permissions)", registry=r

@@ -32,7 +32,7 @@ def record_for(call: Call) -> LogRecord:
     record = LogRecord(
         unique_id=call.id,
         gateway_request_id=call.request_id,
-        log_type=LOG_TYPES.get(call.endpoint, call.endpoint),
+        log_type=LOG_TYPES.get(call.endpoint, "unknown"),  # the path is in request_url_path
         start_time=call.started_at,
         timestamp=time.time(),
         request_url_path=call.path,

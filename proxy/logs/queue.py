@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from proxy.logs.record import LogRecord
-from proxy.logs.sinks import Sink
+from proxy.logs.sinks import RejectedRecords, Sink
 from proxy.logs.spool import Spool
 from proxy.metrics import Metrics
 
@@ -209,6 +209,11 @@ class LogQueue:
         if st.up:
             try:
                 await st.sink.write(batch)
+            except RejectedRecords as e:
+                handled.add(st.name)
+                self._metrics.log_written.labels(st.name).inc(len(batch) - len(e.records))
+                await self._reject(st, e)
+                return
             except Exception as e:
                 st.up = False
                 log.warning("log sink %s write failed, spooling until it recovers: %r", st.name, e)
@@ -218,6 +223,18 @@ class LogQueue:
                 return
         handled.add(st.name)  # the thread finishes the append even if we are cancelled
         await asyncio.to_thread(self._spool.append, (st.name,), batch)
+
+    async def _reject(self, st: _SinkState, rejected: RejectedRecords) -> None:
+        self._metrics.log_rejected.labels(st.name).inc(len(rejected.records))
+        try:
+            path = await asyncio.to_thread(self._spool.reject, st.name, rejected.records)
+        except Exception:
+            log.exception("log sink %s refused %d records and the dead-letter file could not be written",
+                          st.name, len(rejected.records))
+            self._metrics.log_spool_errors.inc(len(rejected.records))
+            return
+        log.error("log sink %s refused %d records for good (%s); kept in %s", st.name, len(rejected.records),
+                  rejected.reason, path)
 
     # -- open and replay -------------------------------------------------------------------
 
@@ -249,6 +266,8 @@ class LogQueue:
                 if chunk.records:
                     try:
                         await st.sink.write(chunk.records)
+                    except RejectedRecords as e:
+                        await self._reject(st, e)
                     except Exception as e:
                         if st.up:
                             log.warning("log sink %s replay failed, spooling until it recovers: %r", st.name, e)

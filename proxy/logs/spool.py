@@ -180,6 +180,19 @@ class Spool:
             else:
                 self.metrics.log_spilled.inc(n)
 
+    def reject(self, sink_name: str, records: Sequence[LogRecord]) -> Path:
+        """Append records a sink refuses for good to `<sink>.rejected.jsonl` (never replayed: kept
+        for a person to look at). Blocking."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{sink_name}.rejected.jsonl"
+        data, _ = _encode(records)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        return path
+
     def _append(self, name: str, data: bytes) -> None:
         live = self._live.get(name)
         if live is None:

@@ -8,6 +8,17 @@ from proxy.logs.record import LogRecord
 from proxy.settings import LogSink
 
 
+class RejectedRecords(Exception):
+    """Raised by `write` when every record was written except `records`, which the destination
+    refuses for good (a receiver that answers 400 for them). The LogQueue moves those to a
+    dead-letter file instead of replaying them forever behind the rest."""
+
+    def __init__(self, records: list[LogRecord], reason: str) -> None:
+        super().__init__(reason)
+        self.records = records
+        self.reason = reason
+
+
 class Sink(Protocol):
     """A destination for log records.
 
