@@ -231,8 +231,9 @@ class FallbackStage:
     # -- bookkeeping -------------------------------------------------------------------
 
     def _succeeded(self, call: Call, target: Target, key: str | None, started: float, status: int) -> None:
+        latency = _now() - started
         call.attempts.append(Attempt(model=target.model, provider=target.provider, deployment=target.deployment,
-                                     status=status, latency=_now() - started))
+                                     status=status, latency=latency, started_at=time.time() - latency))
         counter = self._success.get(target.provider)
         if counter is None:
             counter = self._success[target.provider] = self.metrics.attempts.labels(target.provider, "success")
@@ -241,8 +242,9 @@ class FallbackStage:
             self.cooldowns.success(key)
 
     def _failed(self, call: Call, target: Target, started: float, status: int, error: str | None) -> None:
+        latency = _now() - started
         call.attempts.append(Attempt(model=target.model, provider=target.provider, deployment=target.deployment,
-                                     status=status, error=error, latency=_now() - started))
+                                     status=status, error=error, latency=latency, started_at=time.time() - latency))
         counter = self._failure.get(target.provider)
         if counter is None:
             counter = self._failure[target.provider] = self.metrics.attempts.labels(target.provider, "failure")
