@@ -267,6 +267,8 @@ class MockProtocol(asyncio.Protocol):
         elif path.endswith("/models") and method == "GET":
             models = b'{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","owned_by":"mock"}]}'
             self._finish(_json_response(200, models, close), close)
+        elif path == "/v1/traces" and method == "POST":  # OTLP/HTTP spans of the otel pipeline: accepted, dropped
+            self._finish(_json_response(200, b"{}", close), close)
         else:
             self._finish(_error(404, f"no route for {method} {path}", close), close)
 

@@ -162,6 +162,9 @@ PIPELINES = {
     # the default with caching on for every request: after the first, every request is a cache hit
     "cache-hit": "[auth, limits, {name: cache, options: {defaults: {cache_enabled: true}}}, routing, credentials, "
                  "fallback]",
+    # the default with every request traced: spans exported to the mock, which accepts and drops them
+    "otel": "[auth, {name: otel, options: {endpoint: 'http://127.0.0.1:{mock_port}/v1/traces', "
+            "schedule_delay_ms: 200}}, limits, cache, routing, credentials, fallback]",
 }
 
 
@@ -182,7 +185,7 @@ keys:
   - name: bench
     key_hash: "{key_hash}"
     environment: test
-pipeline: {PIPELINES[pipeline]}
+pipeline: {PIPELINES[pipeline].replace("{mock_port}", str(mock_port))}
 logs:
   spool_dir: {tmp / "spool"}
   sinks: [{{type: sqlite, path: {tmp / "logs.db"}}}]
@@ -459,7 +462,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pipeline", choices=sorted(PIPELINES), default="auth",
                    help="gateway pipeline: auth (minimal, the default here), default (the gateway's default: auth, limits, "
                         "cache, routing, credentials, fallback), classic (without limits and cache), limits (two "
-                        "policies), cache-hit (every request answered from the cache)")
+                        "policies), cache-hit (every request answered from the cache), otel (the default, "
+                        "every request traced)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--no-readme", action="store_true", help="do not refresh the table in README.md")
     args = p.parse_args(argv)
