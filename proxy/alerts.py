@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import smtplib
 import ssl
 import time
@@ -304,10 +305,15 @@ _delivering: contextvars.ContextVar[bool] = contextvars.ContextVar("llmrelay_ale
 _httpx_log = logging.getLogger("httpx")
 
 
+_URL_PATH = re.compile(r"(https?://[^/\s\"']+)[^\s\"']*")
+
+
 class _HideUrls(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if _delivering.get() and isinstance(record.args, tuple):
-            record.args = tuple(_origin(str(a)) if isinstance(a, httpx.URL) else a for a in record.args)
+        if _delivering.get():
+            # on the formatted message: another filter may already have merged the args into it
+            record.msg = _URL_PATH.sub(r"\1", record.getMessage())
+            record.args = ()
         return True
 
 

@@ -356,6 +356,7 @@ def test_secrets_never_reach_the_logs(caplog: pytest.LogCaptureFixture, smtp_ser
         assert len(ok.received) == 4 and failing.received == []
         assert len(inbox.messages) == 2  # `right` logged in; `wrong` was refused
 
+    caplog.set_level(logging.DEBUG, logger="httpx")  # another test's import (litellm) may have quieted it
     with caplog.at_level(logging.DEBUG):
         asyncio.run(main())
     text = caplog.text
