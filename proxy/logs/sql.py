@@ -90,7 +90,11 @@ class Compiler:
             return f"({column} IS NULL OR {column} NOT IN ({listed}))"
         if op in ("lt", "lte", "gt", "gte"):
             symbol = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}[op]
-            return f"{column} {symbol} {self.add(self._value(c.column, c.values[0]))}"
+            value = c.values[0]
+            param = self.add(self._value(c.column, value))
+            if isinstance(value, float) and KINDS.get(c.column) == "INTEGER" and self.dialect.name == "postgres":
+                param += "::double precision"  # else asyncpg truncates it to the column's bigint
+            return f"{column} {symbol} {param}"
         text = d.as_text(column) if column == c.column else column
         parts = []
         for v in c.values:
@@ -203,7 +207,9 @@ def group_of(row: tuple[Any, ...] | list[Any]) -> dict[str, Any]:
 
 def count_groups_sql(query: LogQuery, dialect: Dialect, group: str) -> tuple[str, list[Any]]:
     c = Compiler(dialect)
-    return f"SELECT COUNT(DISTINCT {group}) FROM {TABLE} {c.where(query)}", c.args
+    # DISTINCT in a subquery: PostgreSQL hashes it (COUNT(DISTINCT) sorts), about twice as fast
+    return (f"SELECT COUNT(*) FROM (SELECT DISTINCT {group} AS grp FROM {TABLE} {c.where(query)}) AS g "
+            "WHERE grp IS NOT NULL", c.args)
 
 
 def bucket_expr(dialect: Dialect, seconds: int) -> str:

@@ -58,7 +58,8 @@ def make_store(sinks: list[LogSink]) -> LogStore | None:
     if "postgres" in by_type:
         from proxy.logs.stores.postgres import PostgresLogStore
 
-        return PostgresLogStore(by_type["postgres"].dsn or "")
+        postgres = by_type["postgres"]
+        return PostgresLogStore(postgres.dsn or "", pool_size=postgres.pool_size)
     if "sqlite" in by_type:
         from proxy.logs.stores.sqlite import SQLiteLogStore
 
