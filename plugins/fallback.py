@@ -35,11 +35,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
 import random
 import time
 from collections.abc import AsyncIterator
-from email.utils import parsedate_to_datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -50,6 +48,7 @@ from proxy.errors import GatewayError, UpstreamUnavailable
 from proxy.gateway import STREAM_CUT_AT_SHUTDOWN, upstream_error_message
 from proxy.metrics import Metrics
 from proxy.pipeline import Next, StageContext
+from proxy.retry import retry_after_seconds
 from proxy.settings import Cooldowns as CooldownPolicy
 from proxy.sse_anthropic import ERROR_STATUS as ANTHROPIC_ERROR_STATUS
 from proxy.sse_responses import ERROR_STATUS as RESPONSES_ERROR_STATUS
@@ -102,40 +101,6 @@ def parse_statuses(values: list[int | str]) -> frozenset[int]:
         else:
             raise ValueError(f"fallback_statuses: expected a status 400-599 or a class like '5xx', got {value!r}")
     return frozenset(out)
-
-
-def retry_after_seconds(headers: dict[str, str]) -> float | None:
-    """A reply's `retry-after-ms` or `Retry-After` (seconds or an HTTP date), in seconds."""
-    if not headers:
-        return None
-    ms = headers.get("retry-after-ms")
-    seconds = headers.get("retry-after")
-    if ms is None and seconds is None:
-        for name, value in headers.items():  # a Reply built by something other than the upstream client
-            lower = name.lower()
-            if lower == "retry-after-ms":
-                ms = value
-            elif lower == "retry-after":
-                seconds = value
-    if ms is not None:
-        try:
-            value = float(ms) / 1000
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value) and value >= 0:
-            return value
-    if seconds is not None:
-        try:
-            value = float(seconds)
-        except ValueError:
-            try:
-                value = parsedate_to_datetime(seconds).timestamp() - time.time()
-            except (TypeError, ValueError, IndexError, OverflowError):
-                return None
-            return max(value, 0.0)
-        if math.isfinite(value) and value >= 0:
-            return value
-    return None
 
 
 def _error_object(body: bytes) -> Any:

@@ -116,6 +116,28 @@ class GatewayProcess:
         return rows[0]
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
+    """Poll `predicate` every 50 ms until it is true (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def metric(url: str, sample: str, **labels: str) -> float:
+    """Sum of a gateway's /metrics samples named `sample` whose labels include `labels` (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for s in family.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
 def base_config(mock: MockUpstream, workdir: Path, extra_providers: Iterable[dict[str, Any]] = (),
                 extra_models: Iterable[dict[str, Any]] = (), **overrides: Any) -> dict[str, Any]:
     """The standard test config; `overrides` replace top-level keys, then the `extra_*` entries are appended."""

@@ -17,14 +17,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.keys import hash_key
 from proxy.logs.queue import LogQueue
 from proxy.logs.record import LogRecord, decoder
 from proxy.logs.sinks.http import HTTPSink, HTTPSinkError
 from proxy.metrics import Metrics
-from tests.conftest import KEY, GatewayProcess, base_config
+from tests.conftest import KEY, GatewayProcess, base_config, metric, wait_until
 from tests.mock_upstream import MockUpstream, free_port
 
 ADMIN = "sk-admin-http-sink-tests"
@@ -42,22 +41,6 @@ SHIPPED = ("unique_id", "gateway_request_id", "log_type", "log_method", "start_t
 # -- helpers -----------------------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def metric(url: str, sample: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for s in family.samples:
-            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def detail(gw: GatewayProcess, log_id: str) -> httpx.Response:

@@ -26,7 +26,7 @@ import pytest
 
 from plugins.litellm import LLMRelayCallback
 from proxy.keys import hash_key
-from tests.conftest import KEY, ROOT, GatewayProcess, base_config
+from tests.conftest import KEY, ROOT, GatewayProcess, base_config, wait_until
 from tests.mock_upstream import WORDS, MockUpstream, free_port
 
 ADMIN = "sk-admin-litellm-tests"
@@ -122,14 +122,6 @@ async def logged(cb: LLMRelayCallback, events: int) -> None:
             return
         await asyncio.sleep(0.01)
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # -- what reaches the gateway ----------------------------------------------------------------

@@ -16,11 +16,10 @@ import msgspec
 import orjson
 import pytest
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.logs.record import decoder
 from proxy.logs.sinks.sqlite import read_records
-from tests.conftest import KEY, TEST_KEY, GatewayProcess, base_config
+from tests.conftest import KEY, TEST_KEY, GatewayProcess, base_config, metric, wait_until
 from tests.mock_upstream import WORDS
 
 ANSWER = "".join(WORDS)
@@ -82,24 +81,6 @@ def count_rows(gw: GatewayProcess) -> int:
     return last
 
 
-def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def metric(url: str, sample: str, **labels: str) -> float:
-    """Sum of the samples named `sample` whose labels include `labels` (0 when absent)."""
-    text = httpx.get(f"{url}/metrics").text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def client(gw: GatewayProcess, key: str = KEY) -> OpenAI:

@@ -12,16 +12,16 @@ others with it. The receiver keeps each span's unique_id, so a batch sent twice 
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import os
-import random
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 
 import httpx
+
+from proxy.retry import backoff, retry_after_seconds
 
 log = logging.getLogger("llmrelay.litellm")
 
@@ -174,8 +174,8 @@ class Shipper:
                 if not (status in (408, 429) or status >= 500):
                     break
                 if status == 429:
-                    wait = _retry_after(response.headers.get("retry-after"))
-            if attempt < self.tries and self._stop.wait(wait if wait is not None else _backoff(attempt)):
+                    wait = _capped(retry_after_seconds(response.headers))
+            if attempt < self.tries and self._stop.wait(wait if wait is not None else backoff(attempt, BACKOFF_BASE, BACKOFF_CAP)):
                 break  # closing: no more tries
         self._count(failed=len(spans), problem=problem)
 
@@ -214,24 +214,6 @@ def _parts(batch: list[bytes]) -> Iterator[list[bytes]]:
         yield part
 
 
-def _backoff(attempt: int) -> float:
-    step = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
-    return step / 2 + random.uniform(0, step / 2)
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
-
-
 def _safe(url: str) -> str:
     """The endpoint without userinfo or query, for log lines."""
     try:
@@ -239,3 +221,8 @@ def _safe(url: str) -> str:
     except Exception:
         return "<invalid endpoint>"
     return str(parsed.copy_with(username=None, password=None, query=None))
+
+
+def _capped(seconds: float | None) -> float | None:
+    """A Retry-After, at most RETRY_AFTER_CAP: the sender waits on it."""
+    return None if seconds is None else min(seconds, RETRY_AFTER_CAP)

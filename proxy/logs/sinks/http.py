@@ -17,10 +17,7 @@ error message (the LogQueue logs those).
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
-import random
-import time
 from collections.abc import Iterator, Sequence
 
 import httpx
@@ -28,6 +25,7 @@ import msgspec
 
 from proxy.logs.record import CONTENT_FIELDS, LogRecord, encoder
 from proxy.logs.sinks import RejectedRecords
+from proxy.retry import backoff, retry_after_seconds
 
 log = logging.getLogger("llmrelay.logs")
 
@@ -128,9 +126,9 @@ class HTTPSink:
                 if not _retryable(status):  # 401, 403, 404: a configuration to fix; the spool waits
                     raise HTTPSinkError(f"POST {self._where} was refused ({problem})")
                 if status == 429:
-                    wait = _retry_after(response.headers.get("retry-after"))
+                    wait = _capped(retry_after_seconds(response.headers))
             if attempt < self.tries:
-                await asyncio.sleep(wait if wait is not None else _backoff(attempt))
+                await asyncio.sleep(wait if wait is not None else backoff(attempt, BACKOFF_BASE, BACKOFF_CAP))
         raise HTTPSinkError(f"POST {self._where} failed after {self.tries} tries ({problem})")
 
     def _excerpt(self, response: httpx.Response) -> str:
@@ -148,27 +146,6 @@ class HTTPSink:
 
 def _retryable(status: int) -> bool:
     return status in (408, 429) or status >= 500
-
-
-def _backoff(attempt: int) -> float:
-    """Exponential with jitter: half the step fixed, half random (tries from many gateways spread)."""
-    step = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
-    return step / 2 + random.uniform(0, step / 2)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date), capped; None when absent."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
 
 
 def _safe_url(url: str) -> str:
@@ -207,3 +184,8 @@ def _bodies(records: Sequence[LogRecord]) -> Iterator[tuple[list[LogRecord], byt
         size += len(data) + 1
     if parts:
         yield group, b"[" + b",".join(parts) + b"]"
+
+
+def _capped(seconds: float | None) -> float | None:
+    """A Retry-After, at most RETRY_AFTER_CAP: the sender waits on it."""
+    return None if seconds is None else min(seconds, RETRY_AFTER_CAP)
