@@ -119,7 +119,7 @@ class LogSink(Struct):
     url: str | None = None  # http: the receiving ingestion endpoint, e.g. http://other:8080/api/v1/traces/ingest
     api_key: str | None = None  # http: the receiving end's key, sent as Bearer (a secret: use ${VAR})
     pool_size: int = 4  # postgres: connections
-    timeout: float = 10.0  # http: seconds per request
+    timeout: float = 10.0  # http: seconds per batch, retries included (the log writer waits this long at most)
     retries: int = 3  # http: tries per batch before it goes to the spool (replayed later)
 
 

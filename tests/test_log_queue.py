@@ -423,3 +423,41 @@ def test_spool_write_failure_is_counted_and_never_raises(tmp_path: Path, caplog)
         asyncio.run(main())
     assert spilled(m) == 0
     assert "log spool write failed" in caplog.text
+
+
+def test_a_sink_that_hangs_on_replay_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    """A sink goes down, and its replays then hang (an HTTP receiver that accepts and never
+    answers): the other sinks keep receiving every batch meanwhile, and stop() still returns."""
+    released = asyncio.Event()
+
+    class Hanging:
+        name = "hanging"
+        writes = 0
+
+        async def open(self) -> None: ...
+
+        async def write(self, records: list[LogRecord]) -> None:
+            Hanging.writes += 1
+            if Hanging.writes == 1:
+                raise ConnectionError("receiver down")  # the live write fails: the sink is down
+            await released.wait()  # every replay after that hangs
+
+        async def close(self) -> None: ...
+
+    async def main() -> None:
+        m = Metrics()
+        db = tmp_path / "logs.db"
+        q = LogQueue([SQLiteSink(db), Hanging()], tmp_path / "spool", m, batch_size=5, **FAST)
+        await q.start()
+        for i in range(5):
+            q.put(rec(i))
+        await until(lambda: Hanging.writes >= 2)  # down, and a replay is hanging now
+        for i in range(5, 40):
+            q.put(rec(i))
+            await asyncio.sleep(0.005)
+        await until(lambda: len(row_ids(db)) == 40, timeout=5)
+        assert Hanging.writes == 2  # one replay at a time, still hanging
+        await q.stop(deadline=1.0)
+        assert spilled(m) == 40  # the failed first batch and every later one, for the hanging sink
+
+    asyncio.run(asyncio.wait_for(main(), 15))

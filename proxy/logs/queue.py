@@ -25,12 +25,16 @@ from proxy.metrics import Metrics
 log = logging.getLogger("llmrelay.logs")
 
 
+START_REPLAY_WAIT = 2.0  # seconds start() waits for the first replays before serving anyway
+
+
 class _SinkState:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self.name = sink.name
         self.opened = False
         self.up = False  # False: batches go to the spool until a replay succeeds
+        self.replay: asyncio.Task[None] | None = None  # this sink's replay, running beside the writer
 
 
 class LogQueue:
@@ -115,7 +119,8 @@ class LogQueue:
     async def start(self) -> None:
         for st in self._states:
             await self._open(st)
-        await self._replay_all()
+        # what an earlier process left in the spool goes first, unless a sink is slow to answer
+        await asyncio.wait(self._replay_all(), timeout=START_REPLAY_WAIT)
         self._task = asyncio.create_task(self._run(), name="llmrelay-log-writer")
 
     async def stop(self, deadline: float = 10.0) -> None:
@@ -140,6 +145,13 @@ class LogQueue:
         if leftover:
             await asyncio.to_thread(self._spool.append, self._names, leftover)
         self._release_waiters()
+        replays = {st.replay for st in self._states if st.replay is not None and not st.replay.done()}
+        if replays:  # they stop between chunks once closing; a write cut short is replayed next time
+            _, late = await asyncio.wait(replays, timeout=max(end - loop.time(), 0.1))
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
         await asyncio.to_thread(self._spool.close)
         for st in self._states:
             try:
@@ -168,10 +180,10 @@ class LogQueue:
                         self._handled_up_to(len(batch))
                 self._metrics.log_queue_depth.set(self._queue.qsize())
                 if not self._closing and loop.time() >= next_replay:
-                    await self._replay_all()
+                    self._replay_all()
                     next_replay = loop.time() + self._replay_interval
             except Exception:  # (a cancelled _write spools the batch it was cut off in)
-                # _write and _replay_all handle sink errors; this is a bug or a spool failure.
+                # _write and the replays handle sink errors; this is a bug or a spool failure.
                 log.exception("log writer error")
                 await asyncio.sleep(self._flush_interval)
 
@@ -247,12 +259,20 @@ class LogQueue:
         st.opened = st.up = True
         return True
 
-    async def _replay_all(self) -> None:
+    def _replay_all(self) -> set[asyncio.Task[None]]:
+        """Start a replay for each sink that has none running. Replays run beside the writer, so
+        a sink that takes its time to fail (an HTTP receiver that hangs) never holds up the
+        writes to the others."""
         for st in self._states:
-            try:
-                await self._replay(st)
-            except Exception:
-                log.exception("log spool replay for sink %s failed", st.name)
+            if st.replay is None or st.replay.done():
+                st.replay = asyncio.create_task(self._replay_guarded(st), name=f"llmrelay-log-replay-{st.name}")
+        return {st.replay for st in self._states if st.replay is not None}
+
+    async def _replay_guarded(self, st: _SinkState) -> None:
+        try:
+            await self._replay(st)
+        except Exception:
+            log.exception("log spool replay for sink %s failed", st.name)
 
     async def _replay(self, st: _SinkState) -> None:
         """Replay this sink's spool files in batch_size chunks; stop at the first failure.
@@ -264,16 +284,18 @@ class LogQueue:
             while not self._closing:
                 chunk = await asyncio.to_thread(f.read, self._batch_size)
                 if chunk.records:
+                    refused = 0
                     try:
                         await st.sink.write(chunk.records)
                     except RejectedRecords as e:
+                        refused = len(e.records)
                         await self._reject(st, e)
                     except Exception as e:
                         if st.up:
                             log.warning("log sink %s replay failed, spooling until it recovers: %r", st.name, e)
                         st.up = False
                         return
-                    self._metrics.log_replayed.inc(len(chunk.records))
+                    self._metrics.log_replayed.inc(len(chunk.records) - refused)
                 await asyncio.to_thread(self._spool.commit, st.name, f, chunk)
                 if chunk.eof:
                     break

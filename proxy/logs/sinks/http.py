@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator, Sequence
 
 import httpx
@@ -108,12 +109,14 @@ class HTTPSink:
             await client.aclose()
 
     async def _post(self, client: httpx.AsyncClient, body: bytes) -> None:
-        """One request body, with retries; raises HTTPSinkError when the receiver did not take it."""
+        """One request body, with retries, all within `timeout` seconds (the log writer waits on
+        this); raises HTTPSinkError when the receiver did not take it."""
         problem = ""
+        give_up_at = time.monotonic() + self.timeout
         for attempt in range(1, self.tries + 1):
             wait: float | None = None
             try:
-                response = await client.post(self.url, content=body)
+                response = await client.post(self.url, content=body, timeout=max(give_up_at - time.monotonic(), 0.1))
             except httpx.TransportError as exc:  # refused, reset, timed out, bad protocol
                 problem = self._scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             else:
@@ -128,7 +131,11 @@ class HTTPSink:
                 if status == 429:
                     wait = _capped(retry_after_seconds(response.headers))
             if attempt < self.tries:
-                await asyncio.sleep(wait if wait is not None else backoff(attempt, BACKOFF_BASE, BACKOFF_CAP))
+                pause = wait if wait is not None else backoff(attempt, BACKOFF_BASE, BACKOFF_CAP)
+                if time.monotonic() + pause >= give_up_at:
+                    raise HTTPSinkError(f"POST {self._where} failed within {self.timeout:g}s after {attempt} "
+                                        f"tries ({problem})")
+                await asyncio.sleep(pause)
         raise HTTPSinkError(f"POST {self._where} failed after {self.tries} tries ({problem})")
 
     def _excerpt(self, response: httpx.Response) -> str:
