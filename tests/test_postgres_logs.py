@@ -24,7 +24,8 @@ import pytest
 from proxy.keys import hash_key
 from proxy.logs import sql
 from proxy.logs.query import LogQuery, parse_query
-from proxy.logs.record import LogRecord
+from proxy.logs.queue import LogQueue
+from proxy.logs.record import LogRecord, decoder
 from proxy.logs.schema import COLUMNS, INDEXES, PURGED, TABLE
 from proxy.logs.sinks import make_sink
 from proxy.logs.sinks.postgres import PostgresSink
@@ -32,6 +33,7 @@ from proxy.logs.sinks.sqlite import SQLiteSink
 from proxy.logs.stores import make_store
 from proxy.logs.stores.postgres import PostgresLogStore
 from proxy.logs.stores.sqlite import SQLiteLogStore
+from proxy.metrics import Metrics
 from proxy.settings import LogSink
 from tests.conftest import KEY, GatewayProcess
 from tests.mock_upstream import free_port
@@ -256,18 +258,28 @@ def test_workers_starting_together_migrate_once(schema_dsn: str) -> None:
     assert run(fetch(schema_dsn, f"SELECT COUNT(*) FROM {TABLE}"))[0][0] == 40
 
 
-def test_values_postgresql_cannot_hold_do_not_block_the_batch(schema_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_values_postgresql_cannot_hold_do_not_block_the_batch(schema_dsn: str, tmp_path: Path) -> None:
     batch = [
         record(1, note="a\x00b", prompt_messages=[{"role": "user", "content": "x\x00y \\u0000 kept"}]),
-        record(2, prompt_tokens=2 ** 63),  # beyond bigint: left out, logged
+        record(2, prompt_tokens=2 ** 63),  # beyond bigint: refused for good, to the dead-letter file
         record(3),
     ]
-    run(fill(batch, schema_dsn))
+    metrics = Metrics()
+
+    async def main() -> None:
+        queue = LogQueue([PostgresSink(schema_dsn)], tmp_path / "spool", metrics, flush_interval=0.01)
+        await queue.start()
+        await queue.put_and_wait(batch)
+        await queue.stop()
+
+    run(main())
     rows = run(fetch(schema_dsn, f"SELECT unique_id, note, prompt_messages -> 0 ->> 'content' AS content "
                                  f"FROM {TABLE} ORDER BY unique_id"))
     assert [r["unique_id"] for r in rows] == ["log-001", "log-003"]
     assert rows[0]["note"] == "ab" and rows[0]["content"] == "xy \\u0000 kept"
-    assert "log-002 rejected by the postgres log sink" in caplog.text
+    rejected = (tmp_path / "spool" / "postgres.rejected.jsonl").read_text().splitlines()
+    assert [decoder.decode(line).prompt_tokens for line in rejected] == [2 ** 63]  # kept whole, not lost
+    assert 'llmrelay_log_records_rejected_total{sink="postgres"} 1.0' in metrics.render()[0].decode()
 
 
 def test_open_fails_while_the_database_is_down_and_works_once_it_is_back(private_pg: PgInstance) -> None:

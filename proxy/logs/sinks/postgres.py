@@ -22,6 +22,7 @@ import asyncpg
 
 from proxy.logs.record import LogRecord
 from proxy.logs.schema import COLUMNS, INDEXES, JSON_POSITIONS, KINDS, TABLE, row_of
+from proxy.logs.sinks import RejectedRecords
 
 log = logging.getLogger("llmrelay.logs")
 
@@ -189,7 +190,10 @@ class PostgresSink:
         try:
             await self._insert(rows)
         except BAD_DATA:
-            await self._insert_rejecting([without_nul(row) for row in rows])
+            refused = await self._insert_rejecting([without_nul(row) for row in rows])
+            if refused:
+                ids = set(refused)
+                raise RejectedRecords([r for r in records if r.unique_id in ids], next(iter(refused.values()))) from None
 
     async def _insert(self, rows: list[list[Any]]) -> None:
         assert self._pool is not None
@@ -197,21 +201,23 @@ class PostgresSink:
             await conn.copy_records_to_table(STAGING, records=rows, columns=COLUMNS)
             await conn.execute(MOVE_STAGED)
 
-    async def _insert_rejecting(self, rows: list[list[Any]]) -> None:
-        """After a BAD_DATA error: the batch again without NULs, then row by row. A row that
-        PostgreSQL refuses whatever we do (say, a number out of range) is logged and left out:
-        kept, it would block the spool replay of every record after it for ever."""
+    async def _insert_rejecting(self, rows: list[list[Any]]) -> dict[str, str]:
+        """After a BAD_DATA error: the batch again without NULs, then row by row. Returns the rows
+        PostgreSQL refuses whatever we do (say, a number out of range), unique_id -> why: raised as
+        RejectedRecords, they go to the dead-letter file instead of blocking the spool replay of
+        every record after them for ever."""
         try:
             await self._insert(rows)
-            return
+            return {}
         except BAD_DATA:
             pass
+        refused: dict[str, str] = {}
         for row in rows:
             try:
                 await self._insert([row])
             except BAD_DATA as e:
-                log.error("log record %s rejected by the postgres log sink and not stored: %s: %.200s",
-                          row[0], type(e).__name__, e)
+                refused[row[0]] = f"{type(e).__name__}: {str(e)[:200]}"
+        return refused
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
