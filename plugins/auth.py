@@ -6,6 +6,7 @@ compared in constant time; a missing, unknown or expired key is a 401 with the s
 
 from __future__ import annotations
 
+from proxy.admin.keys import stored_keys
 from proxy.call import Call, KeyInfo, Reply
 from proxy.errors import Unauthorized
 from proxy.keys import KeyRing, presented_key
@@ -15,7 +16,12 @@ from proxy.settings import ApiKey
 
 class AuthStage:
     def __init__(self, keys: list[ApiKey]) -> None:
+        self._configured = keys
         self._ring = KeyRing(keys)
+
+    def set_managed_keys(self, keys: list[ApiKey]) -> None:
+        """The keys of the admin store, beside the config file's (called again on every change)."""
+        self._ring = KeyRing([*self._configured, *keys])
 
     def identify(self, key: str) -> KeyInfo:
         info = self._ring.identify(key)
@@ -34,4 +40,8 @@ class AuthStage:
 def create_stage(context: StageContext) -> AuthStage:
     if context.options:
         raise ValueError(f"auth takes no options, got {sorted(context.options)}")
-    return AuthStage(context.settings.keys)
+    stage = AuthStage(context.settings.keys)
+    snapshot = context.services.get("snapshot")
+    if snapshot is not None:
+        snapshot.subscribe("key", lambda objects: stage.set_managed_keys(stored_keys(objects)))
+    return stage

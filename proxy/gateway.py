@@ -18,6 +18,7 @@ import orjson
 
 from proxy import breakdown, estimate
 from proxy.admin import AdminGuard
+from proxy.admin.keys import KeysAPI, stored_keys
 from proxy.alerts import Notifier
 from proxy.call import Call, Reply, Usage
 from proxy.catalog import load_catalog
@@ -40,6 +41,8 @@ from proxy.sse_gemini import GeminiStreamTap, gemini_usage
 from proxy.sse_gemini import completion_messages as gemini_completion
 from proxy.sse_responses import ResponsesStreamTap, output_message, responses_usage
 from proxy.state.cooldowns import Cooldowns
+from proxy.store import make_admin_store
+from proxy.store.snapshot import Snapshot
 from proxy.upstream import UpstreamClient, UpstreamStreamError
 
 logger = logging.getLogger("llmrelay")
@@ -66,9 +69,10 @@ class Gateway:
         )
         self.notifier = Notifier(settings.alerts, self.metrics)
         self.admin = AdminGuard([k.key_hash for k in settings.admin_keys], [k.key_hash for k in settings.keys])
+        self.snapshot = Snapshot(make_admin_store(settings.store), settings.store.poll_interval)
         # what stages may use besides the settings and the model table
         services = {"metrics": self.metrics, "cooldowns": self.cooldowns, "notifier": self.notifier,
-                    "admin": self.admin}
+                    "admin": self.admin, "snapshot": self.snapshot}
         self.stages: list[tuple[str, Stage]] = load_stages(settings, self.models, services)
         self.handler = compose([stage for _, stage in self.stages], self.dispatch)
         logs = settings.logs
@@ -84,11 +88,21 @@ class Gateway:
         self.logs_api = LogsAPI(self.logs, self.log_store, self.admin, KeyRing(settings.keys),
                                 self.models.prices_for, self.metrics)
         self._retention: asyncio.Task[None] | None = None
+        self.keys_api = KeysAPI(self.snapshot, self.admin, {k.name for k in settings.keys})
+        self.snapshot.subscribe("key", self._apply_managed_keys)
+
+    def _apply_managed_keys(self, objects: dict[str, Any]) -> None:
+        """Keys created through the admin API: the ingestion API takes them, and the admin
+        endpoints tell them apart from wrong keys (403, not 401)."""
+        keys = [*self.settings.keys, *stored_keys(objects)]
+        self.logs_api.keys = KeyRing(keys)
+        self.admin.set_gateway_hashes([k.key_hash for k in keys])
 
     async def start(self) -> None:
         self.streams: set[asyncio.Task[None]] = set()  # tasks relaying a stream right now
         self.draining = False
         self.streams_ended = False  # the shutdown deadline passed and open streams were ended
+        await self.snapshot.start()
         await self.logs.start()
         if self.log_store is not None:
             await self.log_store.open()
@@ -124,6 +138,7 @@ class Gateway:
                 except Exception:
                     logger.exception("stage shutdown failed")
         await self.upstream.close()
+        await self.snapshot.stop()
         await self.cooldowns.stop()
         await self.notifier.stop()
         await self.logs.stop(deadline)
@@ -135,7 +150,7 @@ class Gateway:
 
     def admin_routes(self) -> list[Any]:
         """The log plane's routes, and the routes the stages add (cache and limit management, ...)."""
-        routes: list[Any] = self.logs_api.routes()
+        routes: list[Any] = [*self.logs_api.routes(), *self.keys_api.routes()]
         for _, stage in self.stages:
             stage_routes = getattr(stage, "routes", None)
             if stage_routes is not None:

@@ -143,6 +143,15 @@ class Logs(Struct):
     retention: Retention = msgspec.field(default_factory=Retention)
 
 
+class StoreSettings(Struct):
+    """Where admin-created objects (keys, ...) live; every worker and replica must share it."""
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    path: str = f"{DATA_DIR}/admin.db"  # sqlite
+    dsn: str | None = None  # postgres: postgresql://user[:password]@host:port/db
+    poll_interval: float = 0.5  # seconds between checks of the change counter
+
+
 class Backend(Struct):
     backend: Literal["memory", "redis"] = "memory"
     url: str | None = None  # redis://host:port/db when backend is redis
@@ -176,6 +185,7 @@ class Settings(Struct):
     )
     logs: Logs = msgspec.field(default_factory=Logs)
     state: State = msgspec.field(default_factory=State)
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     cooldowns: Cooldowns = msgspec.field(default_factory=Cooldowns)
     # extra model names: alias -> a configured model name, another alias, or a provider/model slug
     aliases: dict[str, str] = msgspec.field(default_factory=dict)
@@ -323,6 +333,10 @@ def check(settings: Settings) -> None:
             raise ConfigError(f"{src}: $.logs.sinks[{i}].dsn: expected a postgresql:// URL")
         if sink.type == "http" and not sink.url.startswith(("http://", "https://")):  # type: ignore[union-attr]
             raise ConfigError(f"{src}: $.logs.sinks[{i}].url: expected an http:// or https:// URL")
+    if settings.store.backend == "postgres" and not (settings.store.dsn or "").startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{src}: $.store.dsn: expected a postgresql:// URL for the postgres backend")
+    if settings.store.poll_interval <= 0:
+        raise ConfigError(f"{src}: $.store.poll_interval: expected seconds > 0")
     retention = settings.logs.retention
     for name in ("content_days", "delete_days"):
         value = getattr(retention, name)

@@ -38,6 +38,7 @@ from plugins.limits.policy import (
 from plugins.limits.store import PolicyStore
 from plugins.limits.windows import bounds, seconds_left
 from proxy import estimate
+from proxy.admin.keys import stored_keys
 from proxy.alerts import Alert
 from proxy.call import Call, Reply
 from proxy.errors import GatewayError, ModelNotFound, ValidationFailed
@@ -87,9 +88,20 @@ class LimitsStage:
         self._last_down_log = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.admin = admin
-        self.configured = policies  # from the config file and API keys: read-only
-        self.store = PolicyStore(redis_url, lambda created: self.set_policies([*self.configured, *created]))
+        self.configured = policies  # from the config file and its API keys: read-only
+        self._created: list[Policy] = []  # created through /api/limits/
+        self._managed_keys: list[Policy] = []  # from keys created through /api/temporary-keys/
+        self.store = PolicyStore(redis_url, self._on_created)
         self.set_policies(policies)
+
+    def _on_created(self, created: list[Policy]) -> None:
+        self._created = created
+        self.set_policies([*self.configured, *self._managed_keys, *created])
+
+    def set_key_policies(self, policies: list[Policy]) -> None:
+        """The limits of the keys in the admin store (called again on every change there)."""
+        self._managed_keys = policies
+        self.set_policies([*self.configured, *policies, *self._created])
 
     def set_policies(self, policies: list[Policy]) -> None:
         """Index the policies by scope: exact (scope, id) matches, and those for every id."""
@@ -375,5 +387,9 @@ def create_stage(context: StageContext) -> LimitsStage:
     redis_url = backend.url if backend.backend == "redis" else None
     counters: Counters = RedisCounters(redis_url) if redis_url else MemoryCounters()
     metrics = context.services.get("metrics") or Metrics()
-    return LimitsStage(policies, counters, context.models, metrics, context.services.get("notifier"),
-                       redis_url=redis_url, admin=context.services.get("admin"))
+    stage = LimitsStage(policies, counters, context.models, metrics, context.services.get("notifier"),
+                        redis_url=redis_url, admin=context.services.get("admin"))
+    snapshot = context.services.get("snapshot")
+    if snapshot is not None:
+        snapshot.subscribe("key", lambda objects: stage.set_key_policies(key_policies(stored_keys(objects))))
+    return stage

@@ -38,6 +38,10 @@ class AdminGuard:
         self._admin = [h.removeprefix("sha256:").encode() for h in admin_hashes]
         self._gateway = [h.removeprefix("sha256:").encode() for h in gateway_hashes]
 
+    def set_gateway_hashes(self, hashes: list[str]) -> None:
+        """The gateway keys to answer 403 (not 401) for, as keys are created and revoked."""
+        self._gateway = [h.removeprefix("sha256:").encode() for h in hashes]
+
     def is_admin(self, key: str) -> bool:
         digest = hashlib.sha256(key.encode()).hexdigest().encode()
         return any([hmac.compare_digest(digest, h) for h in self._admin])

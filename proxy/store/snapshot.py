@@ -1,0 +1,101 @@
+"""The data plane's view of the admin store: every object in memory, reloaded when the store's
+change counter moves. Readers get plain dicts; nothing on the request path awaits the store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from proxy.store import AdminStore, StoredObject
+
+log = logging.getLogger("llmrelay.store")
+Listener = Callable[[dict[str, StoredObject]], None]
+
+
+class Snapshot:
+    def __init__(self, store: AdminStore, poll_interval: float) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
+        self.version = -1
+        self.objects: dict[str, dict[str, StoredObject]] = {}  # kind -> id -> object
+        self._listeners: dict[str, list[Listener]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._opened = False
+
+    def of(self, kind: str) -> dict[str, StoredObject]:
+        return self.objects.get(kind, {})
+
+    def subscribe(self, kind: str, listener: Listener) -> None:
+        """Call `listener(objects of kind)` now and after every reload that changed the store."""
+        self._listeners.setdefault(kind, []).append(listener)
+        listener(self.of(kind))
+
+    async def start(self) -> None:
+        """Open the store and load it. A store that cannot be reached now does not stop the
+        gateway: it serves the config file's objects, and the poll keeps trying."""
+        try:
+            await self._open_and_load()
+        except Exception as exc:
+            log.error("admin store unreachable at start-up; serving the config file's objects only: %r", exc)
+        self._task = asyncio.create_task(self._poll(), name="llmrelay-admin-snapshot")
+
+    async def _open_and_load(self) -> None:
+        if not self._opened:
+            await self.store.open()
+            self._opened = True
+        await self.refresh()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+        if self._opened:
+            await self.store.close()
+
+    async def refresh(self, force: bool = False) -> bool:
+        """Reload when the store changed (or when forced); True when it did."""
+        async with self._lock:
+            if not force and await self.store.version() == self.version:
+                return False
+            version, objects = await self.store.load()
+            by_kind: dict[str, dict[str, StoredObject]] = {}
+            for obj in objects:
+                by_kind.setdefault(obj.kind, {})[obj.id] = obj
+            self.objects, self.version = by_kind, version
+            for kind, listeners in self._listeners.items():
+                for listener in listeners:
+                    try:
+                        listener(self.of(kind))
+                    except Exception:
+                        log.exception("applying admin-store objects of kind %s failed", kind)
+            return True
+
+    async def _poll(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self._open_and_load()
+            except Exception as exc:  # the store is down: keep serving the last snapshot
+                if not failing:
+                    log.warning("admin store unreachable, serving the last snapshot: %r", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("admin store reachable again")
+                failing = False
+
+    async def put(self, kind: str, id: str, data: dict[str, Any], *, create: bool = False) -> StoredObject:
+        """Write through the store, then reload here at once (other workers follow on their poll)."""
+        obj = await self.store.put(kind, id, data, create=create)
+        await self.refresh(force=True)
+        return obj
+
+    async def delete(self, kind: str, id: str) -> bool:
+        deleted = await self.store.delete(kind, id)
+        if deleted:
+            await self.refresh(force=True)
+        return deleted
