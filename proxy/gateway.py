@@ -69,7 +69,8 @@ class Gateway:
         )
         self.notifier = Notifier(settings.alerts, self.metrics)
         self.admin = AdminGuard([k.key_hash for k in settings.admin_keys], [k.key_hash for k in settings.keys])
-        self.snapshot = Snapshot(make_admin_store(settings.store), settings.store.poll_interval)
+        self.snapshot = Snapshot(make_admin_store(settings.store), settings.store.poll_interval,
+                                 settings.store.notify_url)
         # what stages may use besides the settings and the model table
         services = {"metrics": self.metrics, "cooldowns": self.cooldowns, "notifier": self.notifier,
                     "admin": self.admin, "snapshot": self.snapshot}

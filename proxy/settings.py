@@ -150,6 +150,7 @@ class StoreSettings(Struct):
     path: str = f"{DATA_DIR}/admin.db"  # sqlite
     dsn: str | None = None  # postgres: postgresql://user[:password]@host:port/db
     poll_interval: float = 0.5  # seconds between checks of the change counter
+    notify_url: str | None = None  # redis://...: changes are also published, for every worker to reload at once
 
 
 class Backend(Struct):
@@ -335,6 +336,8 @@ def check(settings: Settings) -> None:
             raise ConfigError(f"{src}: $.logs.sinks[{i}].url: expected an http:// or https:// URL")
     if settings.store.backend == "postgres" and not (settings.store.dsn or "").startswith(("postgresql://", "postgres://")):
         raise ConfigError(f"{src}: $.store.dsn: expected a postgresql:// URL for the postgres backend")
+    if settings.store.notify_url and not settings.store.notify_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{src}: $.store.notify_url: expected a redis:// URL")
     if settings.store.poll_interval <= 0:
         raise ConfigError(f"{src}: $.store.poll_interval: expected seconds > 0")
     retention = settings.logs.retention

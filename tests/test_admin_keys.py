@@ -172,15 +172,18 @@ def pg_store() -> Iterator[str]:
     asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "postgres+redis"])
 def test_changes_reach_every_worker_and_replica(backend: str, mock_upstream: MockUpstream, tmp_path: Path,
                                                 request: pytest.FixtureRequest) -> None:
     """Two gateway processes with two workers each, sharing one store: a key made through one is
-    served by every worker of both, and refused by all of them once revoked through the other."""
-    if backend == "postgres":
-        store = {"backend": "postgres", "dsn": request.getfixturevalue("pg_store"), "poll_interval": 0.2}
-    else:
+    served by every worker of both, and refused by all of them once revoked through the other.
+    With Redis notices the poll is an hour apart: only the notices can carry the change."""
+    if backend == "sqlite":
         store = {"backend": "sqlite", "path": str(tmp_path / "admin.db"), "poll_interval": 0.2}
+    else:
+        store = {"backend": "postgres", "dsn": request.getfixturevalue("pg_store"), "poll_interval": 0.2}
+    if backend == "postgres+redis":
+        store.update(poll_interval=3600, notify_url="redis://127.0.0.1:6379/0")
     gateways = []
     try:
         for name in ("a", "b"):

@@ -1,9 +1,14 @@
 """The data plane's view of the admin store: every object in memory, reloaded when the store's
-change counter moves. Readers get plain dicts; nothing on the request path awaits the store."""
+change counter moves. Readers get plain dicts; nothing on the request path awaits the store.
+
+Workers poll the counter every `poll_interval`. With a Redis URL (`store.notify_url`), a write
+is also published, and every worker and replica reloads at once instead of at its next poll.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -11,13 +16,17 @@ from typing import Any
 from proxy.store import AdminStore, StoredObject
 
 log = logging.getLogger("llmrelay.store")
+CHANNEL = "llmrelay:admin:changed"
 Listener = Callable[[dict[str, StoredObject]], None]
 
 
 class Snapshot:
-    def __init__(self, store: AdminStore, poll_interval: float) -> None:
+    def __init__(self, store: AdminStore, poll_interval: float, notify_url: str | None = None) -> None:
         self.store = store
         self.poll_interval = poll_interval
+        self.notify_url = notify_url
+        self._redis: Any = None
+        self._listener: asyncio.Task[None] | None = None
         self.version = -1
         self.objects: dict[str, dict[str, StoredObject]] = {}  # kind -> id -> object
         self._listeners: dict[str, list[Listener]] = {}
@@ -41,6 +50,11 @@ class Snapshot:
         except Exception as exc:
             log.error("admin store unreachable at start-up; serving the config file's objects only: %r", exc)
         self._task = asyncio.create_task(self._poll(), name="llmrelay-admin-snapshot")
+        if self.notify_url:
+            import redis.asyncio as redis
+
+            self._redis = redis.Redis.from_url(self.notify_url, socket_connect_timeout=2)
+            self._listener = asyncio.create_task(self._listen(), name="llmrelay-admin-notices")
 
     async def _open_and_load(self) -> None:
         if not self._opened:
@@ -49,9 +63,13 @@ class Snapshot:
         await self.refresh()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})
+        for task in (self._task, self._listener):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait({task})
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
         if self._opened:
             await self.store.close()
 
@@ -88,14 +106,47 @@ class Snapshot:
                     log.info("admin store reachable again")
                 failing = False
 
-    async def put(self, kind: str, id: str, data: dict[str, Any], *, create: bool = False) -> StoredObject:
-        """Write through the store, then reload here at once (other workers follow on their poll)."""
-        obj = await self.store.put(kind, id, data, create=create)
+    async def _listen(self) -> None:
+        """Reload on every notice; on a Redis outage, retry with back-off (the poll goes on)."""
+        delay = 0.5
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(CHANNEL)
+                with contextlib.suppress(Exception):  # after subscribing: no change falls in between
+                    await self._open_and_load()
+                delay = 0.5
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        with contextlib.suppress(Exception):  # the poll retries what fails here
+                            await self._open_and_load()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("admin change channel lost (%s); retrying in %.1fs", exc, delay)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def _changed(self) -> None:
+        """After a write: reload here before answering, and tell the other workers and replicas."""
         await self.refresh(force=True)
+        if self._redis is not None:
+            try:
+                await self._redis.publish(CHANNEL, str(self.version))
+            except Exception as exc:  # they will see it at their next poll
+                log.warning("could not publish an admin change notice: %r", exc)
+
+    async def put(self, kind: str, id: str, data: dict[str, Any], *, create: bool = False) -> StoredObject:
+        """Write through the store; this worker has the change when this returns."""
+        obj = await self.store.put(kind, id, data, create=create)
+        await self._changed()
         return obj
 
     async def delete(self, kind: str, id: str) -> bool:
         deleted = await self.store.delete(kind, id)
         if deleted:
-            await self.refresh(force=True)
+            await self._changed()
         return deleted
