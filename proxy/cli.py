@@ -1,4 +1,4 @@
-"""`llmrelay serve | check | hash-key`."""
+"""`llmrelay serve | check | hash-key | keys`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from proxy import cli_keys
 from proxy.keys import hash_key
 from proxy.settings import ConfigError, Settings, load_settings
 
@@ -98,12 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("hash-key", help="print the key_hash to put in a config for a gateway key")
     p.add_argument("key", nargs="?")
     p.set_defaults(func=hash_key_command)
+    cli_keys.add_commands(commands)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"llmrelay: config error: {exc}", file=sys.stderr)
         return 2
+    except cli_keys.AdminError as exc:
+        print(f"llmrelay: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

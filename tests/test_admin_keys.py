@@ -3,7 +3,10 @@ admin store (SQLite, or the real PostgreSQL) and spread to every worker and repl
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -210,3 +213,33 @@ def test_an_unreachable_store_does_not_stop_the_gateway(mock_upstream: MockUpstr
         assert "s3cret-pw" not in gw.output.read_text()
     finally:
         gw.stop()
+
+
+def llmrelay(gw: GatewayProcess, *args: str, admin_key: str | None = ADMIN) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LLMRELAY_URL": gw.url}
+    env.pop("LLMRELAY_ADMIN_KEY", None)
+    if admin_key is not None:
+        env["LLMRELAY_ADMIN_KEY"] = admin_key
+    return subprocess.run([sys.executable, "-m", "proxy.cli", "keys", *args], capture_output=True, text=True,
+                          env=env, timeout=30)
+
+
+def test_the_keys_cli(gw: GatewayProcess) -> None:
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    made = llmrelay(gw, "create", name, "--rate-limit", "60", "--test")
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    assert secret.startswith("sk-llmrelay-") and "shown once" in made.stderr
+    assert chat_status(gw, secret) == 200
+    listed = llmrelay(gw, "list")
+    line = next(row for row in listed.stdout.splitlines() if name in row)
+    key_id = line.split()[0]
+    assert "test" in line and "60" in line and secret not in listed.stdout
+    assert llmrelay(gw, "revoke", key_id).returncode == 0
+    assert chat_status(gw, secret) == 401
+    failed = llmrelay(gw, "revoke", key_id)
+    assert failed.returncode == 1 and "404" in failed.stderr
+    refused = llmrelay(gw, "list", admin_key=KEY)
+    assert refused.returncode == 1 and "403" in refused.stderr and KEY not in refused.stderr
+    missing = llmrelay(gw, "list", admin_key=None)
+    assert missing.returncode == 1 and "LLMRELAY_ADMIN_KEY" in missing.stderr
