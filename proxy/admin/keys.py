@@ -26,7 +26,7 @@ NOT_FOUND = "Not found."
 FIELDS = {"name", "expiry_date", "max_usage", "rate_limit", "spending_limit", "is_test", "environment"}
 
 
-class KeyError_(ValueError):
+class InvalidField(ValueError):
     """A bad field; the message names it."""
 
 
@@ -47,12 +47,12 @@ def _check(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     """The fields of a create or PATCH body, in stored form."""
     unknown = set(body) - FIELDS
     if unknown:
-        raise KeyError_(f"{sorted(unknown)[0]}: unknown field; expected some of {', '.join(sorted(FIELDS))}")
+        raise InvalidField(f"{sorted(unknown)[0]}: unknown field; expected some of {', '.join(sorted(FIELDS))}")
     out: dict[str, Any] = {}
     if "name" in body or creating:
         name = body.get("name")
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
-            raise KeyError_("name: required, a string of 1 to 200 characters")
+            raise InvalidField("name: required, a string of 1 to 200 characters")
         out["name"] = name.strip()
     if "expiry_date" in body:
         value = body["expiry_date"]
@@ -62,31 +62,31 @@ def _check(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
             try:
                 parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
             except ValueError:
-                raise KeyError_(f"expiry_date: expected an ISO-8601 time, got {value!r}") from None
+                raise InvalidField(f"expiry_date: expected an ISO-8601 time, got {value!r}") from None
             out["expires_at"] = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).isoformat()
     if "max_usage" in body:
         value = body["max_usage"]
         if not isinstance(value, int) or isinstance(value, bool) or value < -1:
-            raise KeyError_("max_usage: expected a whole number of requests, or -1 for unlimited")
+            raise InvalidField("max_usage: expected a whole number of requests, or -1 for unlimited")
         out["max_usage"] = None if value == -1 else value
     if "rate_limit" in body:
         value = body["rate_limit"]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise KeyError_("rate_limit: expected requests per minute (a whole number of at least 1) or null")
+            raise InvalidField("rate_limit: expected requests per minute (a whole number of at least 1) or null")
         out["rate_limit"] = value
     if "spending_limit" in body:
         value = body["spending_limit"]
         if value is not None and (not isinstance(value, int | float) or isinstance(value, bool) or value < 0):
-            raise KeyError_("spending_limit: expected USD (a number of at least 0) or null")
+            raise InvalidField("spending_limit: expected USD (a number of at least 0) or null")
         out["spending_limit"] = value
     if "is_test" in body or "environment" in body:
         environment = body.get("environment")
         if "is_test" in body:
             if not isinstance(body["is_test"], bool):
-                raise KeyError_("is_test: expected true or false")
+                raise InvalidField("is_test: expected true or false")
             environment = "test" if body["is_test"] else "production"
         if environment not in ("test", "production"):
-            raise KeyError_("environment: expected 'test' or 'production'")
+            raise InvalidField("environment: expected 'test' or 'production'")
         out["environment"] = environment
     return out
 
@@ -120,19 +120,26 @@ class KeysAPI:
             return True
         return any(o.data.get("name") == name and o.id != except_id for o in self.snapshot.of(KIND).values())
 
-    async def collection(self, request: Request) -> Response:
-        if request.method == "GET":
-            keys = sorted(self.snapshot.of(KIND).values(), key=lambda o: o.created_at, reverse=True)
-            return json_response({"count": len(keys), "results": [_view(o) for o in keys]})
+    async def _fields(self, request: Request, key_id: str | None) -> dict[str, Any] | Response:
+        """A create (key_id None) or PATCH body's fields, checked, or the 400 to answer."""
         body, refused = await read_object(request)
         if refused is not None:
             return refused
         try:
-            fields = _check(body, creating=True)
-        except KeyError_ as exc:
+            fields = _check(body, creating=key_id is None)
+        except InvalidField as exc:
             return error_response(str(exc), 400)
-        if self._name_taken(fields["name"]):
+        if "name" in fields and self._name_taken(fields["name"], except_id=key_id):
             return error_response(f"name: a key named {fields['name']!r} exists; key names are unique", 400)
+        return fields
+
+    async def collection(self, request: Request) -> Response:
+        if request.method == "GET":
+            keys = sorted(self.snapshot.of(KIND).values(), key=lambda o: o.created_at, reverse=True)
+            return json_response({"count": len(keys), "results": [_view(o) for o in keys]})
+        fields = await self._fields(request, None)
+        if isinstance(fields, Response):
+            return fields
         secret = new_key()
         data = {"environment": "production", "expires_at": None, "max_usage": None, "rate_limit": None,
                 "spending_limit": None, **fields, "key_hash": hash_key(secret), "prefix": secret[:16] + "..."}
@@ -152,14 +159,8 @@ class KeysAPI:
         if request.method == "DELETE":
             await self.snapshot.delete(KIND, key_id)
             return Response(status_code=204)
-        body, refused = await read_object(request)
-        if refused is not None:
-            return refused
-        try:
-            fields = _check(body, creating=False)
-        except KeyError_ as exc:
-            return error_response(str(exc), 400)
-        if "name" in fields and self._name_taken(fields["name"], except_id=key_id):
-            return error_response(f"name: a key named {fields['name']!r} exists; key names are unique", 400)
+        fields = await self._fields(request, key_id)
+        if isinstance(fields, Response):
+            return fields
         updated = await self.snapshot.put(KIND, key_id, {**obj.data, **fields})
         return json_response(_view(updated))
