@@ -40,7 +40,8 @@ class PgInstance:
     def __init__(self, bin_path: Path | None = None) -> None:
         found = bin_path or bin_dir()
         if found is None:
-            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: set PG_BIN or install postgresql-15")
+            pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found: set PG_BIN or install "
+                        "postgresql-15 (the kill-and-restart tests need a private cluster)", pytrace=False)
         self.bin = found
         self.port = free_port()
         self.base = Path(tempfile.mkdtemp(prefix="llmrelay-pg-"))

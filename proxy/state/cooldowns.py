@@ -20,6 +20,7 @@ from typing import Any
 
 from proxy.metrics import Metrics
 from proxy.settings import Cooldowns as CooldownPolicy
+from proxy.state.channel import follow
 
 log = logging.getLogger("llmrelay.cooldowns")
 
@@ -143,25 +144,10 @@ class Cooldowns:
                 self.enter(raw_key.decode()[len(KEY_PREFIX):], float(value))
 
     async def _listen(self) -> None:
-        """Follow the cooldown channel; on a Redis outage, retry with back-off."""
-        delay = 0.5
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(CHANNEL)
-                await self._load()  # after subscribing, so nothing falls between the two
-                delay = 0.5
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    until, _, key = message["data"].decode().partition(" ")
-                    self.enter(key, float(until))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("cooldown channel lost (%s); retrying in %.1fs", exc, delay)
-            finally:  # never leak the old connection when reconnecting or stopping
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        """Follow the cooldown channel (after each subscription, load what is already stored)."""
+
+        async def on_message(data: bytes) -> None:
+            until, _, key = data.decode().partition(" ")
+            self.enter(key, float(until))
+
+        await follow(self._redis, CHANNEL, on_subscribed=self._load, on_message=on_message, what="cooldown")

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from proxy.state.channel import follow
 from proxy.store import AdminStore, StoredObject
 
 log = logging.getLogger("llmrelay.store")
@@ -107,28 +108,14 @@ class Snapshot:
                 failing = False
 
     async def _listen(self) -> None:
-        """Reload on every notice; on a Redis outage, retry with back-off (the poll goes on)."""
-        delay = 0.5
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(CHANNEL)
-                with contextlib.suppress(Exception):  # after subscribing: no change falls in between
-                    await self._open_and_load()
-                delay = 0.5
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        with contextlib.suppress(Exception):  # the poll retries what fails here
-                            await self._open_and_load()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("admin change channel lost (%s); retrying in %.1fs", exc, delay)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        """Reload on every notice (and after each subscription, so no change falls in between).
+        A reload that fails here is retried by the poll."""
+
+        async def reload(*_: Any) -> None:
+            with contextlib.suppress(Exception):
+                await self._open_and_load()
+
+        await follow(self._redis, CHANNEL, on_subscribed=reload, on_message=reload, what="admin change")
 
     async def _changed(self) -> None:
         """After a write: reload here before answering, and tell the other workers and replicas."""
