@@ -215,6 +215,7 @@ class CredentialsStage:
             if p.deployments or p.api_key is not None
         }
         self._provider_ids: dict[str, str | None] = {}
+        self.models.on_change(self._provider_ids.clear)  # a provider created through the admin API
 
     # -- provider ids given by the client (ids or catalog aliases) -------------------------
 

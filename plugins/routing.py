@@ -118,10 +118,9 @@ class RoutingStage:
     def __init__(self, models: ModelTable, options: Options) -> None:
         self.models = models
         self.resolve = models.resolve
-        self.route_values = self._route_values(models, options.route_provider_aliases)
-        self.configured_providers = ", ".join(sorted(models.providers))
-        self.accepted_values = ", ".join(sorted(self.route_values))
-        self._pinned: dict[tuple[str, str, str, str], Target] = {}  # (requested, provider, model, to) -> Target
+        self.route_provider_aliases = options.route_provider_aliases
+        self._providers_changed()
+        models.on_change(self._providers_changed)  # providers and models created through the admin API
         self.groups: dict[str, Weighted] = {}
         for group_id, entries in options.load_balance_groups.items():
             if not group_id:
@@ -139,6 +138,12 @@ class RoutingStage:
             self._resolve_option(name, f"default_fallback_models[{i}]")
             for i, name in enumerate(options.default_fallback_models)
         )
+
+    def _providers_changed(self) -> None:
+        self.route_values = self._route_values(self.models, self.route_provider_aliases)
+        self.configured_providers = ", ".join(sorted(self.models.providers))
+        self.accepted_values = ", ".join(sorted(self.route_values))
+        self._pinned: dict[tuple[str, str, str, str], Target] = {}  # (requested, provider, model, to) -> Target
 
     def _resolve_option(self, name: str, where: str) -> Target:
         try:

@@ -19,6 +19,8 @@ import orjson
 from proxy import breakdown, estimate
 from proxy.admin import AdminGuard
 from proxy.admin.keys import KeysAPI, stored_keys
+from proxy.admin.models import ModelsAPI, stored_models
+from proxy.admin.providers import ProvidersAPI, stored_providers
 from proxy.alerts import Notifier
 from proxy.call import Call, Reply, Usage
 from proxy.catalog import load_catalog
@@ -33,7 +35,7 @@ from proxy.logs.stores import make_store
 from proxy.metrics import CHUNK_GAP_BUCKETS, Metrics
 from proxy.model_table import ModelTable
 from proxy.pipeline import Stage, compose, load_stages
-from proxy.providers import build_adapters
+from proxy.providers import build_adapter, build_adapters
 from proxy.settings import Settings
 from proxy.sse import ChatStreamTap, NativeStreamTap
 from proxy.sse_anthropic import AnthropicStreamTap, anthropic_usage, completion_message
@@ -91,6 +93,32 @@ class Gateway:
         self._retention: asyncio.Task[None] | None = None
         self.keys_api = KeysAPI(self.snapshot, self.admin, {k.name for k in settings.keys})
         self.snapshot.subscribe("key", self._apply_managed_keys)
+        self.providers_api = ProvidersAPI(self.snapshot, self.admin, settings)
+        self.models_api = ModelsAPI(self.snapshot, self.admin, self.models)
+        self._custom_providers: dict[str, Any] = {}  # provider id -> the Provider its adapter was built from
+        self.snapshot.subscribe("provider", self._apply_custom_models)
+        self.snapshot.subscribe("model", self._apply_custom_models)
+
+    def _apply_custom_models(self, _: Any) -> None:
+        """Providers and models created through the admin API: adapters for the providers, and
+        the model table rebuilt, so they are routable at once."""
+        providers = []
+        for provider in stored_providers(self.snapshot.of("provider")):
+            if self.settings.provider(provider.id) is not None:
+                continue  # the config file's provider of that id wins
+            if self._custom_providers.get(provider.id) != provider:
+                try:
+                    self.adapters[provider.id] = build_adapter(provider, self.settings, self.upstream,
+                                                               f"admin store: provider {provider.id}")
+                except Exception:
+                    logger.exception("custom provider %s cannot be served", provider.id)
+                    continue
+                self._custom_providers[provider.id] = provider
+            providers.append(provider)
+        for gone in set(self._custom_providers) - {p.id for p in providers}:
+            del self._custom_providers[gone]
+            self.adapters.pop(gone, None)
+        self.models.update(providers, stored_models(self.snapshot.of("model")))
 
     def _apply_managed_keys(self, objects: dict[str, Any]) -> None:
         """Keys created through the admin API: the ingestion API takes them, and the admin
@@ -151,7 +179,8 @@ class Gateway:
 
     def admin_routes(self) -> list[Any]:
         """The log plane's routes, and the routes the stages add (cache and limit management, ...)."""
-        routes: list[Any] = [*self.logs_api.routes(), *self.keys_api.routes()]
+        routes: list[Any] = [*self.logs_api.routes(), *self.keys_api.routes(), *self.providers_api.routes(),
+                             *self.models_api.routes()]
         for _, stage in self.stages:
             stage_routes = getattr(stage, "routes", None)
             if stage_routes is not None:

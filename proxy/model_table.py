@@ -18,6 +18,8 @@ by its protocol.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -47,18 +49,69 @@ def config_prices(prices: PriceConfig) -> Prices:
     return Prices(prices.input, prices.output, prices.cached_input, prices.cache_write)
 
 
+class CustomModel(msgspec.Struct, kw_only=True, frozen=True):
+    """A model created through /api/models/ (spec 2.5): a new model on a provider, or an alias of
+    another model (`base_model_name`) that is billed and tracked under its own name."""
+
+    model_name: str
+    base_model_name: str | None = None
+    provider_id: str | None = None  # a configured or custom provider; the base model's when absent
+    called_by_custom_name: bool = False  # the upstream gets model_name, not the base model's name
+    input_cost: float | None = None  # USD per 1M tokens; the base model's when absent
+    output_cost: float | None = None
+    cache_hit_input_cost: float | None = None
+    cache_creation_input_cost: float | None = None
+    max_context_window: int | None = None
+
+
 class ModelTable:
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
         self.catalog = catalog
-        self.providers: dict[str, Provider] = {p.id: p for p in settings.providers}
-        self.catalog_ids = {p.id: self._catalog_id(p) for p in settings.providers}
+        self._listeners: list[Callable[[], None]] = []
+        self.broken: dict[str, str] = {}  # custom model name -> why it cannot be served
+        self._build([], [])
+        self._resolved: dict[str, Target] = {}
+        for alias in self.aliases:  # a dangling or circular alias is a config error, not a 404 later
+            try:
+                self._follow(alias)
+            except ModelNotFound as exc:
+                raise ConfigError(f"{settings.source}: $.aliases.{alias}: {exc.detail}") from None
+
+    def update(self, providers: list[Provider], models: list[CustomModel]) -> None:
+        """Serve the admin store's providers and models beside the config file's (which they may
+        not redefine), then tell the listeners. A custom model that cannot be resolved is left out
+        and named in `broken`."""
+        self._build(providers, models)
+        self._resolved = {}
+        for listener in self._listeners:
+            listener()
+
+    def why_unservable(self, model: CustomModel) -> str | None:
+        """Why `model` could not be served beside the current custom models (None: it could).
+        Nothing changes either way."""
+        trial = copy.copy(self)
+        trial._build([self.providers[p] for p in self.custom_providers],
+                     [*(m for name, m in self.custom.items() if name != model.model_name), model])
+        return trial.broken.get(model.model_name)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every update (stages that derive state from the providers)."""
+        self._listeners.append(listener)
+
+    def _build(self, custom_providers: list[Provider], custom_models: list[CustomModel]) -> None:
+        settings = self.settings
+        all_providers = [*settings.providers, *(p for p in custom_providers if settings.provider(p.id) is None)]
+        self.providers: dict[str, Provider] = {p.id: p for p in all_providers}
+        self.custom_providers = frozenset(self.providers) - {p.id for p in settings.providers}
+        self.catalog_ids = {p.id: self._catalog_id(p) for p in all_providers}
         # catalog provider id -> the configured provider that serves its models (by id, else by protocol)
         self.serving: dict[str, Provider] = {}
-        for p in sorted(settings.providers, key=lambda p: p.id != self.catalog_ids[p.id]):
+        for p in sorted(all_providers, key=lambda p: p.id != self.catalog_ids[p.id]):
             if self.catalog_ids[p.id] is not None:
                 self.serving.setdefault(self.catalog_ids[p.id], p)  # type: ignore[arg-type]
-        self.claude_providers = [p for p in settings.providers if self.catalog_ids[p.id] in CLAUDE_NAMING]
-        self.named: dict[str, Target] = {}  # configured names and aliases
+        self.claude_providers = [p for p in all_providers if self.catalog_ids[p.id] in CLAUDE_NAMING]
+        self.named: dict[str, Target] = {}  # configured names and aliases, then custom models
         self.context_windows = {(m.provider, m.model or m.name): m.context_window for m in settings.models if m.context_window}
         self.upstream_names: dict[str, Target] = {}
         for m in settings.models:
@@ -69,13 +122,54 @@ class ModelTable:
             for name in (m.name, *m.aliases):
                 self.named[name] = target
             self.upstream_names.setdefault(upstream_model, target)
+        self.config_names = frozenset(self.named)
         self.aliases = dict(settings.aliases)
-        self._resolved: dict[str, Target] = {}
-        for alias in self.aliases:  # a dangling or circular alias is a config error, not a 404 later
+        self.custom = {m.model_name: m for m in custom_models if m.model_name not in self.config_names}
+        self.broken = {}
+        for name in self.custom:
             try:
-                self._follow(alias)
+                self._custom_target(name, ())
             except ModelNotFound as exc:
-                raise ConfigError(f"{settings.source}: $.aliases.{alias}: {exc.detail}") from None
+                self.broken[name] = exc.detail
+
+    def _custom_target(self, name: str, chain: tuple[str, ...]) -> Target:
+        """A custom model's Target (its base resolved first, custom or not)."""
+        if name in self.named:
+            return self.named[name]
+        if name in chain:
+            raise ModelNotFound(f"{chain[0]} (base model cycle: {' -> '.join([*chain, name])})")
+        m = self.custom[name]
+        provider = self.providers.get(m.provider_id) if m.provider_id else None
+        if m.provider_id and provider is None:
+            raise ModelNotFound(f"{name} (provider {m.provider_id!r} does not exist)")
+        base: Target | None = None
+        if m.base_model_name:
+            base_name = m.base_model_name
+            if base_name in self.custom and base_name != name:  # (a custom gpt-4o may re-price gpt-4o)
+                base = self._custom_target(base_name, (*chain, name))
+            else:
+                base = self._resolve(self._follow(base_name) if base_name in self.aliases else base_name)
+            if provider is not None:
+                base = self.on_provider(base, provider.id)
+        if base is None:
+            assert provider is not None  # the admin API requires a provider or a base model
+            base = self._target(provider, name, self._catalog_prices(provider.id, name))
+        elif m.called_by_custom_name:
+            base = msgspec.structs.replace(base, model=name)
+        old = base.prices or Prices()
+        given = (m.input_cost, m.output_cost, m.cache_hit_input_cost, m.cache_creation_input_cost)
+        prices = base.prices
+        if any(v is not None for v in given):
+            prices = Prices(
+                m.input_cost if m.input_cost is not None else old.input,
+                m.output_cost if m.output_cost is not None else old.output,
+                m.cache_hit_input_cost if m.cache_hit_input_cost is not None else old.cached_input,
+                m.cache_creation_input_cost if m.cache_creation_input_cost is not None else old.cache_write,
+            )
+        target = msgspec.structs.replace(base, prices=prices, requested=name,
+                                         context_window=m.max_context_window or base.context_window)
+        self.named[name] = target
+        return target
 
     def _follow(self, name: str) -> str:
         """The model name an alias chain ends at."""

@@ -71,6 +71,8 @@ class Provider(Struct):
     timeouts: Timeouts | None = None
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     max_connections: int = 1000
+    # request params sent when the request leaves them out, e.g. {temperature: 0.2} (openai protocol)
+    defaults: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class Prices(Struct):

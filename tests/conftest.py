@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import asyncpg
 import httpx
 import pytest
 import yaml
@@ -29,6 +32,7 @@ KEY = "sk-test-gateway-key"
 TEST_KEY = "sk-test-env-key"
 EXPIRED_KEY = "sk-test-expired-key"
 UPSTREAM_KEY = "sk-upstream-secret-1234567890"
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432"  # the machine's PostgreSQL (trust auth)
 # two OpenAI function tools, for the adapters' tool-call translation tests
 WEATHER_TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -278,3 +282,20 @@ def start_gateway(mock_upstream: MockUpstream, tmp_path: Path) -> Iterator[Any]:
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def pg_store() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test's admin store."""
+    name = f"llmrelay_admin_{uuid.uuid4().hex[:10]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(f"{PG_SERVER}/test")
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    yield f"{PG_SERVER}/{name}"
+    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import openai
 import pytest
@@ -24,7 +23,6 @@ from tests.conftest import KEY, GatewayProcess, base_config, wait_until
 from tests.mock_upstream import MockUpstream, free_port
 
 ADMIN = "sk-admin-keys-tests"
-PG = "postgresql://postgres@127.0.0.1:5432"
 
 
 def config(mock: MockUpstream, workdir: Path, **overrides: Any) -> dict[str, Any]:
@@ -154,25 +152,6 @@ def test_a_keys_rate_limit_is_enforced(mock_upstream: MockUpstream, tmp_path: Pa
 
 
 # -- change propagation -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg_store() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test's admin store."""
-    import asyncio
-
-    name = f"llmrelay_admin_{uuid.uuid4().hex[:10]}"
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(f"{PG}/test")
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    yield f"{PG}/{name}"
-    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres", "postgres+redis"])

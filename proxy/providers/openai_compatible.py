@@ -25,12 +25,15 @@ class OpenAICompatible:
         self.timeouts = config.timeouts or timeouts
         self.upstream = upstream
         self.static_headers = {"Content-Type": "application/json", **config.headers}
+        self.defaults = config.defaults
         self._headers_by_key: dict[str | None, dict[str, str]] = {}  # treated as read-only
 
     def request_body(self, call: Call, target: Target) -> bytes:
         body = call.body
         # only chat streams get the usage chunk asked for (a Responses stream reports usage itself)
         add_usage = call.stream and not call.client_wants_usage and call.endpoint == "chat"
+        if self.defaults and call.endpoint == "chat":
+            body = {**self.defaults, **body}
         if body.get("model") != target.model or add_usage:
             body = dict(body)
             body["model"] = target.model

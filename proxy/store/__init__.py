@@ -24,7 +24,7 @@ class StoredObject(msgspec.Struct, frozen=True):
 
 
 class Conflict(Exception):
-    """put(create=True) of an id that exists."""
+    """put(create=True) of an id that exists, or put(if_updated_at=...) of an object changed since."""
 
 
 class AdminStore(Protocol):
@@ -39,8 +39,13 @@ class AdminStore(Protocol):
     async def load(self) -> tuple[int, list[StoredObject]]:
         """(version, every object), read in one transaction."""
 
-    async def put(self, kind: str, id: str, data: dict[str, Any], *, create: bool = False) -> StoredObject:
-        """Insert or replace; with create=True an existing id raises Conflict."""
+    async def get(self, kind: str, id: str) -> StoredObject | None:
+        """One object as stored now (the admin API's read-modify-write reads here, not the snapshot)."""
+
+    async def put(self, kind: str, id: str, data: dict[str, Any], *, create: bool = False,
+                  if_updated_at: float | None = None) -> StoredObject:
+        """Insert or replace. With create=True an existing id raises Conflict; with `if_updated_at`
+        an object that is gone or was written since (another updated_at) raises Conflict."""
 
     async def delete(self, kind: str, id: str) -> bool:
         """False when there was no such object."""

@@ -57,14 +57,24 @@ class PostgresAdminStore:
         return int(version), [StoredObject(r["kind"], r["id"], orjson.loads(r["data"]), r["created_at"],
                                            r["updated_at"]) for r in rows]
 
-    async def put(self, kind: str, id: str, data: dict[str, Any], *, create: bool = False) -> StoredObject:
+    async def get(self, kind: str, id: str) -> StoredObject | None:
+        row = await self._db().fetchrow("SELECT data::text AS data, created_at, updated_at FROM admin_objects "
+                                        "WHERE kind = $1 AND id = $2", kind, id)
+        return StoredObject(kind, id, orjson.loads(row["data"]), row["created_at"], row["updated_at"]) if row else None
+
+    async def put(self, kind: str, id: str, data: dict[str, Any], *, create: bool = False,
+                  if_updated_at: float | None = None) -> StoredObject:
         now = time.time()
         async with self._db().acquire() as conn, conn.transaction():
-            created = await conn.fetchval("SELECT created_at FROM admin_objects WHERE kind = $1 AND id = $2 "
-                                          "FOR UPDATE", kind, id)
-            if created is not None and create:
+            row = await conn.fetchrow("SELECT created_at, updated_at FROM admin_objects WHERE kind = $1 AND id = $2 "
+                                      "FOR UPDATE", kind, id)
+            if row is not None and create:
                 raise Conflict(f"{kind} {id!r} exists")
-            created = created if created is not None else now
+            if if_updated_at is not None and (row is None or row["updated_at"] != if_updated_at):
+                raise Conflict(f"{kind} {id!r} changed since it was read")
+            created = row["created_at"] if row is not None else now
+            if row is not None:
+                now = max(now, row["updated_at"] + 1e-6)  # a write always moves updated_at
             try:
                 await conn.execute(
                     "INSERT INTO admin_objects (kind, id, data, created_at, updated_at) VALUES ($1, $2, $3::jsonb, $4, $5) "

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from proxy.state.channel import follow
-from proxy.store import AdminStore, StoredObject
+from proxy.store import AdminStore, Conflict, StoredObject
 
 log = logging.getLogger("llmrelay.store")
 CHANNEL = "llmrelay:admin:changed"
+UPDATE_TRIES = 10
 Listener = Callable[[dict[str, StoredObject]], None]
 
 
@@ -131,6 +133,24 @@ class Snapshot:
         obj = await self.store.put(kind, id, data, create=create)
         await self._changed()
         return obj
+
+    async def update(self, kind: str, id: str, change: Callable[[dict[str, Any]], dict[str, Any]]) -> StoredObject | None:
+        """Read-modify-write of one object against the store (never a stale snapshot): `change`
+        gets a copy of the stored data and returns the new data (or raises to abort). When another
+        worker or replica wrote the object in between, it runs again on the fresh data.
+        None when there is no such object."""
+        for _ in range(UPDATE_TRIES):
+            current = await self.store.get(kind, id)
+            if current is None:
+                return None
+            data = change(copy.deepcopy(current.data))
+            try:
+                obj = await self.store.put(kind, id, data, if_updated_at=current.updated_at)
+            except Conflict:
+                continue
+            await self._changed()
+            return obj
+        raise Conflict(f"{kind} {id!r} is being changed by other writers; try again")
 
     async def delete(self, kind: str, id: str) -> bool:
         deleted = await self.store.delete(kind, id)

@@ -78,15 +78,28 @@ class SQLiteAdminStore:
 
         return await self._run(work)
 
-    async def put(self, kind: str, id: str, data: dict[str, Any], *, create: bool = False) -> StoredObject:
+    async def get(self, kind: str, id: str) -> StoredObject | None:
+        def work() -> StoredObject | None:
+            row = self._db().execute("SELECT data, created_at, updated_at FROM admin_objects WHERE kind = ? AND id = ?",
+                                     (kind, id)).fetchone()
+            return StoredObject(kind, id, orjson.loads(row[0]), row[1], row[2]) if row is not None else None
+
+        return await self._run(work)
+
+    async def put(self, kind: str, id: str, data: dict[str, Any], *, create: bool = False,
+                  if_updated_at: float | None = None) -> StoredObject:
         def work() -> StoredObject:
             conn = self._db()
             now = time.time()
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                row = conn.execute("SELECT created_at FROM admin_objects WHERE kind = ? AND id = ?", (kind, id)).fetchone()
+                row = conn.execute("SELECT created_at, updated_at FROM admin_objects WHERE kind = ? AND id = ?",
+                                   (kind, id)).fetchone()
                 if row is not None and create:
                     raise Conflict(f"{kind} {id!r} exists")
+                if if_updated_at is not None and (row is None or row[1] != if_updated_at):
+                    raise Conflict(f"{kind} {id!r} changed since it was read")
+                now = max(now, row[1] + 1e-6) if row is not None else now  # a write always moves updated_at
                 created = row[0] if row is not None else now
                 conn.execute("INSERT OR REPLACE INTO admin_objects (kind, id, data, created_at, updated_at) "
                              "VALUES (?, ?, ?, ?, ?)", (kind, id, orjson.dumps(data).decode(), created, now))
