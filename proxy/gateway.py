@@ -18,6 +18,7 @@ import orjson
 
 from proxy import breakdown, estimate
 from proxy.admin import AdminGuard
+from proxy.admin.customers import CustomersAPI
 from proxy.admin.keys import KeysAPI, stored_keys
 from proxy.admin.models import ModelsAPI, stored_models
 from proxy.admin.providers import ProvidersAPI, stored_providers
@@ -88,8 +89,9 @@ class Gateway:
             flush_interval=logs.flush_interval,
         )
         self.log_store = make_store(logs.sinks)
+        self.customers_api = CustomersAPI(self.snapshot, self.admin)
         self.logs_api = LogsAPI(self.logs, self.log_store, self.admin, KeyRing(settings.keys),
-                                self.models.prices_for, self.metrics)
+                                self.models.prices_for, self.metrics, self.customers_api.settings_of)
         self._retention: asyncio.Task[None] | None = None
         self.keys_api = KeysAPI(self.snapshot, self.admin, {k.name for k in settings.keys})
         self.snapshot.subscribe("key", self._apply_managed_keys)
@@ -180,7 +182,7 @@ class Gateway:
     def admin_routes(self) -> list[Any]:
         """The log plane's routes, and the routes the stages add (cache and limit management, ...)."""
         routes: list[Any] = [*self.logs_api.routes(), *self.keys_api.routes(), *self.providers_api.routes(),
-                             *self.models_api.routes()]
+                             *self.models_api.routes(), *self.customers_api.routes()]
         for _, stage in self.stages:
             stage_routes = getattr(stage, "routes", None)
             if stage_routes is not None:

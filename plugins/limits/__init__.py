@@ -83,6 +83,8 @@ class LimitsStage:
         self.notifier = notifier
         self.clock = clock
         self._customers: dict[str, list[Policy]] = {}  # budgets from customer_params, newest last
+        self._stored_customers: dict[str, dict[str, Any]] = {}  # customer settings from /api/users/
+        self._stored_policies: dict[str, list[Policy]] = {}
         self._alerted: dict[str, float] = {}  # alert key -> its window's end (dedupe within this process)
         self._down_until = 0.0
         self._last_down_log = 0.0
@@ -103,6 +105,23 @@ class LimitsStage:
         self._managed_keys = policies
         self.set_policies([*self.configured, *policies, *self._created])
 
+    def set_stored_customers(self, settings: dict[str, dict[str, Any]]) -> None:
+        """Customers' budgets and rate limits set through /api/users/ (called again on every change)."""
+        policies: dict[str, list[Policy]] = {}
+        for customer, data in settings.items():
+            try:
+                found = customer_policies(customer, data)
+            except ValueError as exc:
+                log.warning("customer %s: stored settings not applied: %s", customer, exc)
+                continue
+            if found:
+                policies[customer] = found
+        for customer in set(self._stored_customers) | set(settings):  # re-merge with their next request
+            if self._stored_customers.get(customer) != settings.get(customer):
+                self._customers.pop(customer, None)
+        self._stored_customers = settings
+        self._stored_policies = policies
+
     def set_policies(self, policies: list[Policy]) -> None:
         """Index the policies by scope: exact (scope, id) matches, and those for every id."""
         self.policies = [p for p in policies if p.enabled]
@@ -117,7 +136,7 @@ class LimitsStage:
     # -- the request path --------------------------------------------------------------
 
     async def __call__(self, call: Call, next: Next) -> Reply:
-        if not (self.policies or self._customers or call.params.customer_params):
+        if not (self.policies or self._customers or self._stored_policies or call.params.customer_params):
             return await next(call)  # nothing to count: the common case costs one test
         matched = self.applicable(call)
         if not matched:
@@ -154,11 +173,15 @@ class LimitsStage:
                 continue
             found += [(p, value) for p in self._each.get(scope, ())]
             found += [(p, value) for p in self._exact.get((scope, value), ())]
-            if scope == "customer" and value in self._customers:
-                found += [(p, value) for p in self._customers[value]]
+            if scope == "customer":
+                own = self._customers.get(value) or self._stored_policies.get(value) or ()
+                found += [(p, value) for p in own]
         return found
 
     def _remember_customer(self, customer: str, params: dict[str, Any]) -> None:
+        stored = self._stored_customers.get(customer)
+        if stored:  # what an admin set wins over what the request says
+            params = {**params, **stored}
         try:
             policies = customer_policies(customer, params)
         except ValueError as exc:
@@ -392,4 +415,5 @@ def create_stage(context: StageContext) -> LimitsStage:
     snapshot = context.services.get("snapshot")
     if snapshot is not None:
         snapshot.subscribe("key", lambda objects: stage.set_key_policies(key_policies(stored_keys(objects))))
+        snapshot.subscribe("customer", lambda objects: stage.set_stored_customers({o.id: o.data for o in objects.values()}))
     return stage

@@ -44,8 +44,10 @@ ADMIN_KEY = KeyInfo(name="admin", environment="production")
 
 class LogsAPI:
     def __init__(self, queue: LogQueue, store: LogStore | None, guard: AdminGuard, keys: KeyRing,
-                 prices: PriceLookup, metrics: Metrics) -> None:
+                 prices: PriceLookup, metrics: Metrics,
+                 customer_settings: Callable[[str], dict[str, Any] | None] = lambda _: None) -> None:
         self.queue = queue
+        self.customer_settings = customer_settings  # a customer's stored budgets, name, ... (or None)
         self.store = store
         self.guard = guard
         self.keys = keys
@@ -244,7 +246,7 @@ class LogsAPI:
         groups = await self.store.groups(query, "customer_identifier", limit=query.page_size, offset=offset,
                                          order=f"{order} {'DESC' if query.descending else 'ASC'}, grp ASC")
         count = await self.store.count_groups(query, "customer_identifier")
-        results = [_customer(g, query) for g in groups]
+        results = [{**(self.customer_settings(g["group"]) or {}), **_customer(g, query)} for g in groups]
         return json_response(_page(request, query, count, results))
 
     async def user_detail(self, request: Request) -> Response:
@@ -255,13 +257,14 @@ class LogsAPI:
         customer = request.path_params["customer_identifier"]
         query.all_of.append(condition("customer_identifier", "", customer, where="customer_identifier"))
         ever = LogQuery(all_of=list(query.all_of))
-        if not (await self.store.summary(ever))["number_of_requests"]:
+        settings = self.customer_settings(customer)
+        if settings is None and not (await self.store.summary(ever))["number_of_requests"]:
             return error_response(NOT_FOUND, 404)
         summary = await self.store.summary(query)
         days = await self.store.groups(query, sql.bucket_expr(self.store.dialect, 86400), limit=400,
                                        order="grp ASC")
         models = await self.store.groups(query, "model", limit=50)
-        detail = {"customer_identifier": customer, "period_start": iso(query.start), "period_end": iso(query.end),
+        detail = {**(settings or {}), "customer_identifier": customer, "period_start": iso(query.start), "period_end": iso(query.end),
                   **summary, "total_spend": summary["total_cost"],
                   "spend_by_day": [{"date": iso(g["group"])[:10], "cost": g["total_cost"],  # type: ignore[index]
                                     "requests": g["number_of_requests"], "tokens": g["total_tokens"]} for g in days],
