@@ -152,7 +152,7 @@ def wait_http(proc: Proc, url: str, timeout: float) -> None:
 
 PIPELINES = {
     "auth": "[auth]",  # the minimal pipeline
-    "default": "[auth, limits, cache, routing, credentials, fallback]",  # the gateway's default (no policy, cache off)
+    "default": "[auth, prompts, limits, cache, routing, credentials, fallback]",  # the gateway's default (no policy, cache off)
     "classic": "[auth, routing, credentials, fallback]",  # the default before limits and cache joined it
     # the default with a requests and a cost policy on the key (memory counters): reserve + reconcile per request
     "limits": "[auth, {name: limits, options: {policies: ["

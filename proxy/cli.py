@@ -1,4 +1,4 @@
-"""`llmrelay serve | check | hash-key | keys`."""
+"""`llmrelay serve | check | hash-key | keys | prompts`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from proxy import cli_keys
+from proxy import cli_keys, cli_prompts
 from proxy.keys import hash_key
 from proxy.settings import ConfigError, Settings, load_settings
 
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("key", nargs="?")
     p.set_defaults(func=hash_key_command)
     cli_keys.add_commands(commands)
+    cli_prompts.add_commands(commands)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

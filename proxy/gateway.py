@@ -55,6 +55,7 @@ CHAT_ONLY = frozenset({"chat"})
 STREAM_DONE = "stream_done"  # call.state key: the relayed piece just yielded completes the answer
 USAGE_ESTIMATED = "usage estimated: the stream ended before the provider reported usage"
 USAGE_ESTIMATED_INPUT = "usage estimated from the input: the provider reported none"
+PROMPTS_NOT_SERVED = "prompt: this gateway does not render prompts (the `prompts` stage is not in its pipeline)"
 COUNT_TOKENS = frozenset({"anthropic.count_tokens", "gemini.countTokens"})  # endpoints that cost nothing
 
 
@@ -195,6 +196,8 @@ class Gateway:
         """Terminal handler: send the Call to its Target (resolving the model when no stage did)."""
         if not call.dispatched:
             call.dispatched = time.perf_counter()
+            if call.params.prompt is not None and "prompt" not in call.state:
+                raise BadRequest(PROMPTS_NOT_SERVED)
         target = call.target
         if target is None:
             started = time.perf_counter()

@@ -184,7 +184,7 @@ class Settings(Struct):
     admin_keys: list[AdminKey] = msgspec.field(default_factory=list)
     alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)  # how limit alerts are delivered
     pipeline: list[str | StageEntry] = msgspec.field(
-        default_factory=lambda: ["auth", "limits", "cache", "routing", "credentials", "fallback"]
+        default_factory=lambda: ["auth", "prompts", "limits", "cache", "routing", "credentials", "fallback"]
     )
     logs: Logs = msgspec.field(default_factory=Logs)
     state: State = msgspec.field(default_factory=State)

@@ -192,7 +192,7 @@ def test_empty_file_is_the_struct_defaults(tmp_path):
     settings = load_settings(write(tmp_path, ""), env={})
     assert isinstance(settings, Settings)
     assert settings.providers == [] and settings.keys == []
-    assert [e.name for e in settings.stage_entries()] == ["auth", "limits", "cache", "routing", "credentials", "fallback"]
+    assert [e.name for e in settings.stage_entries()] == ["auth", "prompts", "limits", "cache", "routing", "credentials", "fallback"]
 
 
 # -- embedded defaults and providers from the environment ------------------------------------
@@ -207,7 +207,7 @@ def test_embedded_defaults():
     assert len(settings.keys) == 1
     assert settings.keys[0].key_hash == hash_key(DEMO_KEY)
     assert settings.keys[0].environment == "test"
-    assert [e.name for e in settings.stage_entries()] == ["auth", "limits", "cache", "routing", "credentials", "fallback"]
+    assert [e.name for e in settings.stage_entries()] == ["auth", "prompts", "limits", "cache", "routing", "credentials", "fallback"]
     assert [s.type for s in settings.logs.sinks] == ["sqlite"]
     assert settings.logs.sinks[0].path.startswith("./llmrelay-data/")
 

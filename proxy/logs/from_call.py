@@ -79,6 +79,13 @@ def record_for(call: Call) -> LogRecord:
         max_tokens=_int(call.body.get("max_tokens") or call.body.get("max_completion_tokens")
                         or call.body.get("max_output_tokens")),
     )
+    prompt = call.state.get("prompt")
+    if prompt is not None:  # set by the prompts stage
+        record.prompt_id = prompt.get("prompt_id")
+        record.prompt_name = prompt.get("prompt_name")
+        record.prompt_version_number = prompt.get("prompt_version_number")
+        if not params.disable_log:
+            record.variables = prompt.get("variables")
     body = call.body
     if len(body) > 3:  # sampling params echoed for filtering (spec 2.3 "config echo"), when sent
         record.top_p = _number(body.get("top_p"))
