@@ -16,7 +16,8 @@ class AdminError(Exception):
     """The admin API refused, or could not be reached; the message says why (never the key)."""
 
 
-def _request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+def admin_request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """The admin API's JSON answer; None for a 404 on GET (nothing there yet)."""
     key = args.admin_key or os.environ.get("LLMRELAY_ADMIN_KEY")
     if not key:
         raise AdminError("an admin key is needed: --admin-key or LLMRELAY_ADMIN_KEY")
@@ -25,6 +26,8 @@ def _request(args: argparse.Namespace, method: str, path: str, body: Any = None)
         response = httpx.request(method, url, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
     except httpx.HTTPError as exc:
         raise AdminError(f"cannot reach the gateway at {url}: {type(exc).__name__}") from None
+    if response.status_code == 404 and method == "GET":
+        return None
     if response.status_code >= 400:
         try:
             detail = response.json().get("detail", response.text)
@@ -40,14 +43,14 @@ def create(args: argparse.Namespace) -> int:
                           ("max_usage", "max_usage"), ("expires", "expiry_date")):
         if getattr(args, option) is not None:
             body[field] = getattr(args, option)
-    created = _request(args, "POST", "/api/temporary-keys/", body)
+    created = admin_request(args, "POST", "/api/temporary-keys/", body)
     print(f"created key {created['name']!r} (id {created['id']}); the secret is shown once:", file=sys.stderr)
     print(created["api_key"])
     return 0
 
 
 def list_keys(args: argparse.Namespace) -> int:
-    keys = _request(args, "GET", "/api/temporary-keys/")["results"]
+    keys = admin_request(args, "GET", "/api/temporary-keys/")["results"]
     rows = [("ID", "NAME", "PREFIX", "ENV", "EXPIRES", "RATE/MIN", "SPEND USD", "MAX USES")]
     for k in keys:
         rows.append((k["id"], k["name"], k["prefix"] or "", k["environment"], k["expiry_date"] or "-",
@@ -59,7 +62,7 @@ def list_keys(args: argparse.Namespace) -> int:
 
 
 def revoke(args: argparse.Namespace) -> int:
-    _request(args, "DELETE", f"/api/temporary-keys/{args.id}/")
+    admin_request(args, "DELETE", f"/api/temporary-keys/{args.id}/")
     print(f"revoked key {args.id}", file=sys.stderr)
     return 0
 

@@ -10,41 +10,18 @@ fields differ from the newest version's, and otherwise prints "unchanged".
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import yaml
 
-from proxy.cli_keys import DEFAULT_URL, AdminError
+from proxy.cli_keys import DEFAULT_URL, AdminError, admin_request
 
 PROMPT_FIELDS = ("name", "description", "tags", "starred")
 PUSH_FIELDS = ("deploy", "commit_message")
 # not compared: the file's `description` is the prompt's, and a commit message alone makes no new version
 NOT_COMPARED = ("commit_message", "description")
-
-
-def _request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    """The answer's JSON; None for a 404 on GET (nothing there yet)."""
-    key = args.admin_key or os.environ.get("LLMRELAY_ADMIN_KEY")
-    if not key:
-        raise AdminError("an admin key is needed: --admin-key or LLMRELAY_ADMIN_KEY")
-    url = (args.url or os.environ.get("LLMRELAY_URL") or DEFAULT_URL).rstrip("/") + path
-    try:
-        response = httpx.request(method, url, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
-    except httpx.HTTPError as exc:
-        raise AdminError(f"cannot reach the gateway at {url}: {type(exc).__name__}") from None
-    if response.status_code == 404 and method == "GET":
-        return None
-    if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        raise AdminError(f"{response.status_code}: {detail}")
-    return response.json() if response.content else None
 
 
 def read_file(path: str) -> dict[str, Any]:
@@ -86,22 +63,22 @@ def push(args: argparse.Namespace) -> int:
     prompt_fields = {k: data[k] for k in PROMPT_FIELDS if k in data}
     version_fields = {k: v for k, v in data.items() if k not in (*PROMPT_FIELDS, *PUSH_FIELDS, "prompt_id")}
     deploy = data.get("deploy", False)
-    current = _request(args, "GET", path)
+    current = admin_request(args, "GET", path)
     if current is None:
-        _request(args, "POST", "/api/prompts/", {"prompt_id": prompt_id, **prompt_fields})
+        admin_request(args, "POST", "/api/prompts/", {"prompt_id": prompt_id, **prompt_fields})
         print(f"created prompt {prompt_id}")
         latest = None
     else:
         edits = {k: v for k, v in prompt_fields.items() if current.get(k) != v}
         if edits:
-            _request(args, "PATCH", path, edits)
+            admin_request(args, "PATCH", path, edits)
             print(f"prompt {prompt_id}: updated {', '.join(sorted(edits))}")
         number = current.get("latest_version")
-        latest = _request(args, "GET", f"{path}versions/{number}/") if number is not None else None
+        latest = admin_request(args, "GET", f"{path}versions/{number}/") if number is not None else None
     if not changed(version_fields, latest):
         assert latest is not None
         if deploy and not latest["is_deployed"]:
-            _request(args, "POST", f"{path}deployments/", {"version": latest["version"]})
+            admin_request(args, "POST", f"{path}deployments/", {"version": latest["version"]})
             print(f"prompt {prompt_id}: unchanged; deployed version {latest['version']}")
         else:
             print(f"prompt {prompt_id}: unchanged (version {latest['version']})")
@@ -109,7 +86,7 @@ def push(args: argparse.Namespace) -> int:
     body = {**version_fields, "deploy": bool(deploy)}
     if "commit_message" in data:
         body["commit_message"] = data["commit_message"]
-    made = _request(args, "POST", f"{path}versions/", body)
+    made = admin_request(args, "POST", f"{path}versions/", body)
     state = "deployed" if made["is_deployed"] else "draft"
     print(f"prompt {prompt_id}: created version {made['version']} ({state})")
     return 0

@@ -32,6 +32,7 @@ KEY = "sk-test-gateway-key"
 TEST_KEY = "sk-test-env-key"
 EXPIRED_KEY = "sk-test-expired-key"
 UPSTREAM_KEY = "sk-upstream-secret-1234567890"
+ADMIN_KEY = "sk-test-admin-key"  # an admin key: configure ADMIN_KEYS, call the admin API with admin_request
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"  # the machine's PostgreSQL (trust auth)
 # two OpenAI function tools, for the adapters' tool-call translation tests
 WEATHER_TOOLS = [
@@ -118,6 +119,16 @@ class GatewayProcess:
         rows = self.records(timeout, 1, "unique_id = ?", (log_id,))
         assert rows, f"no log record {log_id} in {self.log_db}"
         return rows[0]
+
+
+ADMIN_KEYS = [{"name": "ops", "key_hash": hash_key(ADMIN_KEY)}]
+
+
+def admin_request(gw: GatewayProcess, method: str, path: str, body: Any = None, key: str | None = ADMIN_KEY,
+                  **params: Any) -> httpx.Response:
+    """A call to the admin API (key None: no Authorization header at all)."""
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.request(method, f"{gw.url}{path}", json=body, params=params or None, headers=headers, timeout=10)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:

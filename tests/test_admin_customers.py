@@ -13,22 +13,17 @@ import openai
 import pytest
 from openai import OpenAI
 
-from proxy.keys import hash_key
-from tests.conftest import KEY, GatewayProcess, base_config, openai_client
+from tests.conftest import ADMIN_KEYS, KEY, GatewayProcess, module_gateway, openai_client
+from tests.conftest import admin_request as admin
 from tests.mock_upstream import MockUpstream
 
-ADMIN = "sk-admin-customers-tests"
 HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
 def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("customers")
-    config = base_config(mock_upstream, workdir, admin_keys=[{"name": "ops", "key_hash": hash_key(ADMIN)}],
-                         pipeline=["auth", "limits"])
-    process = GatewayProcess(config, workdir).start()
-    yield process
-    process.stop()
+    yield from module_gateway(tmp_path_factory, "customers", mock_upstream, admin_keys=ADMIN_KEYS,
+                              pipeline=["auth", "limits"])
 
 
 @pytest.fixture
@@ -36,8 +31,6 @@ def client(gw: GatewayProcess) -> OpenAI:
     return openai_client(gw)
 
 
-def admin(gw: GatewayProcess, method: str, path: str, body: Any = None, key: str = ADMIN) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", json=body, headers={"authorization": f"Bearer {key}"}, timeout=10)
 
 
 def customer() -> str:

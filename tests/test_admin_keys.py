@@ -19,18 +19,16 @@ import pytest
 from openai import OpenAI
 
 from proxy.keys import hash_key
-from tests.conftest import KEY, GatewayProcess, base_config, wait_until
+from tests.conftest import ADMIN_KEY as ADMIN
+from tests.conftest import ADMIN_KEYS, KEY, GatewayProcess, base_config, module_gateway, wait_until
+from tests.conftest import admin_request as admin
 from tests.mock_upstream import MockUpstream, free_port
-
-ADMIN = "sk-admin-keys-tests"
 
 
 def config(mock: MockUpstream, workdir: Path, **overrides: Any) -> dict[str, Any]:
-    return base_config(mock, workdir, admin_keys=[{"name": "ops", "key_hash": hash_key(ADMIN)}], **overrides)
+    return base_config(mock, workdir, admin_keys=ADMIN_KEYS, **overrides)
 
 
-def admin(gw: GatewayProcess, method: str, path: str, body: Any = None, key: str = ADMIN) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", json=body, headers={"authorization": f"Bearer {key}"}, timeout=10)
 
 
 def chat_status(gw: GatewayProcess, key: str) -> int:
@@ -42,10 +40,7 @@ def chat_status(gw: GatewayProcess, key: str) -> int:
 
 @pytest.fixture(scope="module")
 def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("keys")
-    process = GatewayProcess(config(mock_upstream, workdir), workdir).start()
-    yield process
-    process.stop()
+    yield from module_gateway(tmp_path_factory, "keys", config=lambda workdir: config(mock_upstream, workdir))
 
 
 def test_a_key_is_created_used_and_revoked(gw: GatewayProcess) -> None:
@@ -155,7 +150,7 @@ def test_a_keys_rate_limit_is_enforced(mock_upstream: MockUpstream, tmp_path: Pa
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres", "postgres+redis"])
-def test_changes_reach_every_worker_and_replica(backend: str, mock_upstream: MockUpstream, tmp_path: Path,
+def test_changes_reach_every_worker_and_replica(backend: str, start_gateway: Any, tmp_path: Path,
                                                 request: pytest.FixtureRequest) -> None:
     """Two gateway processes with two workers each, sharing one store: a key made through one is
     served by every worker of both, and refused by all of them once revoked through the other.
@@ -166,21 +161,13 @@ def test_changes_reach_every_worker_and_replica(backend: str, mock_upstream: Moc
         store = {"backend": "postgres", "dsn": request.getfixturevalue("pg_store"), "poll_interval": 0.2}
     if backend == "postgres+redis":
         store.update(poll_interval=3600, notify_url="redis://127.0.0.1:6379/0")
-    gateways = []
-    try:
-        for name in ("a", "b"):
-            workdir = tmp_path / name
-            gateways.append(GatewayProcess(config(mock_upstream, workdir, store=store), workdir, workers=2).start())
-        a, b = gateways
-        created = admin(a, "POST", "/api/temporary-keys/", {"name": "shared"}).json()
-        secret = created["api_key"]
-        # fresh connections, so that both workers of each process answer some of them
-        assert wait_until(lambda: all(chat_status(g, secret) == 200 for g in (a, b) for _ in range(6)), timeout=10)
-        assert admin(b, "DELETE", f"/api/temporary-keys/{created['id']}/").status_code == 204
-        assert wait_until(lambda: all(chat_status(g, secret) == 401 for g in (a, b) for _ in range(6)), timeout=10)
-    finally:
-        for g in gateways:
-            g.stop()
+    a, b = (start_gateway(workers=2, admin_keys=ADMIN_KEYS, store=store) for _ in range(2))
+    created = admin(a, "POST", "/api/temporary-keys/", {"name": "shared"}).json()
+    secret = created["api_key"]
+    # fresh connections, so that both workers of each process answer some of them
+    assert wait_until(lambda: all(chat_status(g, secret) == 200 for g in (a, b) for _ in range(6)), timeout=10)
+    assert admin(b, "DELETE", f"/api/temporary-keys/{created['id']}/").status_code == 204
+    assert wait_until(lambda: all(chat_status(g, secret) == 401 for g in (a, b) for _ in range(6)), timeout=10)
 
 
 def test_an_unreachable_store_does_not_stop_the_gateway(mock_upstream: MockUpstream, tmp_path: Path) -> None:

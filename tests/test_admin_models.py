@@ -14,22 +14,29 @@ import openai
 import pytest
 from openai import OpenAI
 
-from proxy.keys import hash_key
-from tests.conftest import KEY, GatewayProcess, base_config, openai_client, wait_until
+from tests.conftest import (
+    ADMIN_KEYS,
+    KEY,
+    GatewayProcess,
+    base_config,
+    module_gateway,
+    openai_client,
+    wait_until,
+)
+from tests.conftest import admin_request as admin
 from tests.mock_upstream import MockUpstream
 
-ADMIN = "sk-admin-models-tests"
 CUSTOM_KEY = "sk-custom-provider-secret-0987654321"
 HI = [{"role": "user", "content": "hi"}]
 
 
-def config(mock: MockUpstream, workdir: Path, **overrides: Any) -> dict[str, Any]:
-    overrides.setdefault("pipeline", ["auth", "routing", "credentials", "fallback"])
-    return base_config(mock, workdir, admin_keys=[{"name": "ops", "key_hash": hash_key(ADMIN)}], **overrides)
+PIPELINE = ["auth", "routing", "credentials", "fallback"]
 
 
-def admin(gw: GatewayProcess, method: str, path: str, body: Any = None, key: str = ADMIN) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", json=body, headers={"authorization": f"Bearer {key}"}, timeout=10)
+def config(mock: MockUpstream, workdir: Path) -> dict[str, Any]:
+    return base_config(mock, workdir, admin_keys=ADMIN_KEYS, pipeline=PIPELINE)
+
+
 
 
 def expected_cost(record: dict[str, Any], input_cost: float, output_cost: float, cached_cost: float) -> float:
@@ -49,10 +56,7 @@ def provider_body(mock: MockUpstream, provider_id: str, **kwargs: Any) -> dict[s
 
 @pytest.fixture(scope="module")
 def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    workdir = tmp_path_factory.mktemp("models")
-    process = GatewayProcess(config(mock_upstream, workdir), workdir).start()
-    yield process
-    process.stop()
+    yield from module_gateway(tmp_path_factory, "models", config=lambda workdir: config(mock_upstream, workdir))
 
 
 @pytest.fixture
@@ -335,34 +339,26 @@ def test_gateway_keys_get_403_and_no_key_401(gw: GatewayProcess) -> None:
 # -- across processes -----------------------------------------------------------------------------
 
 
-def test_a_model_made_through_one_replica_is_served_by_another(mock_upstream: MockUpstream, tmp_path: Path,
+def test_a_model_made_through_one_replica_is_served_by_another(start_gateway: Any, mock_upstream: MockUpstream,
                                                                pg_store: str) -> None:
     """Two gateway processes (two workers each) share a PostgreSQL store and Redis notices (the poll is
     an hour apart, so only a notice can carry the change): a provider and model made through one are
     served by every worker of the other within a second."""
     store = {"backend": "postgres", "dsn": pg_store, "poll_interval": 3600, "notify_url": "redis://127.0.0.1:6379/0"}
-    gateways = []
-    try:
-        for name in ("a", "b"):
-            workdir = tmp_path / name
-            gateways.append(GatewayProcess(config(mock_upstream, workdir, store=store), workdir, workers=2).start())
-        a, b = gateways
-        provider, model = unique("shared"), unique("shared-model")
-        assert admin(a, "POST", "/api/providers/", provider_body(mock_upstream, provider)).status_code == 201
-        assert admin(a, "POST", "/api/models/", {"model_name": model, "provider_id": provider}).status_code == 201
+    a, b = (start_gateway(workers=2, admin_keys=ADMIN_KEYS, pipeline=PIPELINE, store=store) for _ in range(2))
+    provider, model = unique("shared"), unique("shared-model")
+    assert admin(a, "POST", "/api/providers/", provider_body(mock_upstream, provider)).status_code == 201
+    assert admin(a, "POST", "/api/models/", {"model_name": model, "provider_id": provider}).status_code == 201
 
-        def served_everywhere() -> bool:
-            for _ in range(6):  # fresh connections: both workers answer some
-                r = httpx.post(f"{b.url}/api/chat/completions", json={"model": model, "messages": HI},
-                               headers={"authorization": f"Bearer {KEY}", "connection": "close"}, timeout=10)
-                if r.status_code != 200:
-                    return False
-            return True
+    def served_everywhere() -> bool:
+        for _ in range(6):  # fresh connections: both workers answer some
+            r = httpx.post(f"{b.url}/api/chat/completions", json={"model": model, "messages": HI},
+                           headers={"authorization": f"Bearer {KEY}", "connection": "close"}, timeout=10)
+            if r.status_code != 200:
+                return False
+        return True
 
-        assert wait_until(served_everywhere, timeout=1.0)
-        assert admin(b, "DELETE", f"/api/models/{model}/").status_code == 204
-        assert wait_until(lambda: httpx.post(f"{a.url}/api/chat/completions", json={"model": model, "messages": HI},
-                                             headers={"authorization": f"Bearer {KEY}"}).status_code == 404, timeout=1.0)
-    finally:
-        for g in gateways:
-            g.stop()
+    assert wait_until(served_everywhere, timeout=1.0)
+    assert admin(b, "DELETE", f"/api/models/{model}/").status_code == 204
+    assert wait_until(lambda: httpx.post(f"{a.url}/api/chat/completions", json={"model": model, "messages": HI},
+                                         headers={"authorization": f"Bearer {KEY}"}).status_code == 404, timeout=1.0)

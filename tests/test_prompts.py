@@ -19,18 +19,18 @@ import pytest
 import yaml
 from openai import NOT_GIVEN, OpenAI
 
-from proxy.keys import hash_key
-from tests.conftest import KEY, GatewayProcess, base_config, wait_until
+from tests.conftest import ADMIN_KEY as ADMIN
+from tests.conftest import ADMIN_KEYS, KEY, GatewayProcess, base_config, wait_until
+from tests.conftest import admin_request as admin
 from tests.mock_upstream import MockUpstream
 
-ADMIN = "sk-admin-prompts-tests"
 PIPELINE = ["auth", "prompts", "routing", "credentials", {"name": "fallback", "options": {"retry": {"enabled": False}}}]
 USER = [{"role": "user", "content": "Tell me about {{ topic }}."}]
 
 
 def config(mock: MockUpstream, workdir: Path, store: Path) -> dict[str, Any]:
     return base_config(
-        mock, workdir, admin_keys=[{"name": "ops", "key_hash": hash_key(ADMIN)}], pipeline=PIPELINE,
+        mock, workdir, admin_keys=ADMIN_KEYS, pipeline=PIPELINE,
         store={"backend": "sqlite", "path": str(store), "poll_interval": 0.2},
         extra_models=[{"name": "broken", "provider": "mock", "model": "mock-status-503"},
                       {"name": "other", "provider": "mock", "model": "mock-other"}],
@@ -50,9 +50,6 @@ def client(gw: GatewayProcess) -> OpenAI:
     return OpenAI(base_url=f"{gw.url}/api", api_key=KEY, max_retries=0)
 
 
-def admin(gw: GatewayProcess, method: str, path: str, body: Any = None, key: str | None = ADMIN) -> httpx.Response:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    return httpx.request(method, f"{gw.url}{path}", json=body, headers=headers, timeout=10)
 
 
 def new_prompt(gw: GatewayProcess, messages: list[dict[str, Any]] | None = None, *, deploy: bool = True,

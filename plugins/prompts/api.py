@@ -376,18 +376,21 @@ class PromptsAPI:
 
     # -- commits and deployments -----------------------------------------------------------
 
+    def _commit_fields(self, body: dict[str, Any]) -> tuple[int | None, str | None]:
+        """A commit's or deployment's `version` (None: not given) and `commit_message`."""
+        unknown = set(body) - {"version", "commit_message"}
+        if unknown:
+            raise Invalid(f"{sorted(unknown)[0]}: unknown field; expected some of commit_message, version")
+        message = body.get("commit_message")
+        if message is not None and not isinstance(message, str):
+            raise Invalid("commit_message: expected a string")
+        return (None if body.get("version") is None else self._version_number(body["version"])), message
+
     async def commit(self, request: Request) -> Response:
         prompt_id = request.path_params["prompt_id"]
 
         async def work() -> Response:
-            body = await self._body(request)
-            unknown = set(body) - {"version", "commit_message"}
-            if unknown:
-                raise Invalid(f"{sorted(unknown)[0]}: unknown field; expected some of commit_message, version")
-            requested = None if body.get("version") is None else self._version_number(body["version"])
-            message = body.get("commit_message")
-            if message is not None and not isinstance(message, str):
-                raise Invalid("commit_message: expected a string")
+            requested, message = self._commit_fields(await self._body(request))
             done: dict[str, int] = {}
 
             def commit(data: dict[str, Any]) -> dict[str, Any]:
@@ -414,16 +417,9 @@ class PromptsAPI:
         prompt_id = request.path_params["prompt_id"]
 
         async def work() -> Response:
-            body = await self._body(request)
-            unknown = set(body) - {"version", "commit_message"}
-            if unknown:
-                raise Invalid(f"{sorted(unknown)[0]}: unknown field; expected some of commit_message, version")
-            if body.get("version") is None:
+            number, message = self._commit_fields(await self._body(request))
+            if number is None:
                 raise Invalid("version: required, the version number to deploy")
-            number = self._version_number(body["version"])
-            message = body.get("commit_message")
-            if message is not None and not isinstance(message, str):
-                raise Invalid("commit_message: expected a string")
 
             def deploy(data: dict[str, Any]) -> dict[str, Any]:
                 version = self._get_version(data, number)
