@@ -61,6 +61,14 @@ def test_non_stream(gw, mock, prefix):
     assert float(raw.headers["x-llmrelay-cost"]) == pytest.approx(expected_cost())
 
 
+def test_openais_own_stored_prompt_goes_upstream(gw, mock):
+    """On /responses, `prompt: {"id": "pmpt_..."}` is OpenAI's stored prompt, not the gateway's
+    `prompt` param (which names `prompt_id`): it is forwarded as it came."""
+    own = {"id": "pmpt_123", "version": "2", "variables": {"city": "Paris"}}
+    client(gw).responses.create(model="resp", input="Say hi", prompt=own)
+    assert mock.last()["body"]["prompt"] == own
+
+
 def test_usage_cost_log_and_gateway_params_stripped(gw, mock):
     raw = client(gw).responses.with_raw_response.create(
         model="resp", input=[{"role": "user", "content": "Hello"}], instructions="Be brief", max_output_tokens=50,

@@ -25,7 +25,14 @@ PATHS = ("/api/responses", "/api/v1/responses", "/v1/responses")
 def read_call(call: Call, raw: bytes) -> None:
     """Fill the Call from the raw body: parse once, split off gateway params, check the fields."""
     body = parse_object(raw)
+    own_prompt = body.get("prompt")
+    if isinstance(own_prompt, dict) and "id" in own_prompt and "prompt_id" not in own_prompt:
+        body.pop("prompt")  # OpenAI's stored prompt ({"id": "pmpt_..."}), not a gateway param: it goes upstream
+    else:
+        own_prompt = None
     split_gateway_params(call, body)
+    if own_prompt is not None:
+        body["prompt"] = own_prompt
     if not call.model:
         raise BadRequest("Invalid request format: `model` is required")
     call.stream = body.get("stream") is True
