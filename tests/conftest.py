@@ -33,6 +33,10 @@ TEST_KEY = "sk-test-env-key"
 EXPIRED_KEY = "sk-test-expired-key"
 UPSTREAM_KEY = "sk-upstream-secret-1234567890"
 ADMIN_KEY = "sk-test-admin-key"  # an admin key: configure ADMIN_KEYS, call the admin API with admin_request
+# each pytest-xdist worker gets its own Redis database (gw0 -> 1, gw1 -> 2, ...; no xdist: 0), so tests
+# running at once never see each other's counters, cache entries or cooldowns (channels are per database)
+REDIS_DB = int(os.environ.get("PYTEST_XDIST_WORKER", "gw-1").removeprefix("gw")) + 1
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"  # the machine's PostgreSQL (trust auth)
 # two OpenAI function tools, for the adapters' tool-call translation tests
 WEATHER_TOOLS = [

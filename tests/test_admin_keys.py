@@ -20,7 +20,7 @@ from openai import OpenAI
 
 from proxy.keys import hash_key
 from tests.conftest import ADMIN_KEY as ADMIN
-from tests.conftest import ADMIN_KEYS, KEY, GatewayProcess, base_config, module_gateway, wait_until
+from tests.conftest import ADMIN_KEYS, KEY, REDIS_URL, GatewayProcess, base_config, module_gateway, wait_until
 from tests.conftest import admin_request as admin
 from tests.mock_upstream import MockUpstream, free_port
 
@@ -160,7 +160,7 @@ def test_changes_reach_every_worker_and_replica(backend: str, start_gateway: Any
     else:
         store = {"backend": "postgres", "dsn": request.getfixturevalue("pg_store"), "poll_interval": 0.2}
     if backend == "postgres+redis":
-        store.update(poll_interval=3600, notify_url="redis://127.0.0.1:6379/0")
+        store.update(poll_interval=3600, notify_url=REDIS_URL)
     a, b = (start_gateway(workers=2, admin_keys=ADMIN_KEYS, store=store) for _ in range(2))
     created = admin(a, "POST", "/api/temporary-keys/", {"name": "shared"}).json()
     secret = created["api_key"]

@@ -17,6 +17,7 @@ from openai import OpenAI
 from tests.conftest import (
     ADMIN_KEYS,
     KEY,
+    REDIS_URL,
     GatewayProcess,
     base_config,
     module_gateway,
@@ -344,7 +345,7 @@ def test_a_model_made_through_one_replica_is_served_by_another(start_gateway: An
     """Two gateway processes (two workers each) share a PostgreSQL store and Redis notices (the poll is
     an hour apart, so only a notice can carry the change): a provider and model made through one are
     served by every worker of the other within a second."""
-    store = {"backend": "postgres", "dsn": pg_store, "poll_interval": 3600, "notify_url": "redis://127.0.0.1:6379/0"}
+    store = {"backend": "postgres", "dsn": pg_store, "poll_interval": 3600, "notify_url": REDIS_URL}
     a, b = (start_gateway(workers=2, admin_keys=ADMIN_KEYS, pipeline=PIPELINE, store=store) for _ in range(2))
     provider, model = unique("shared"), unique("shared-model")
     assert admin(a, "POST", "/api/providers/", provider_body(mock_upstream, provider)).status_code == 201

@@ -27,6 +27,7 @@ from proxy.keys import hash_key
 from proxy.logs.sinks.sqlite import read_records
 from tests.conftest import (
     KEY,
+    REDIS_URL,
     TEST_KEY,
     GatewayProcess,
     add_tool_call_deltas,
@@ -94,7 +95,7 @@ def gw_defaults(mock_upstream, amock, tmp_path_factory) -> Iterator[GatewayProce
 
 
 def redis_gateway(mock: MockUpstream, amock: MockAnthropic, tmp_path_factory: pytest.TempPathFactory, name: str,
-                  url: str = "redis://127.0.0.1:6379/0") -> Iterator[GatewayProcess]:
+                  url: str = REDIS_URL) -> Iterator[GatewayProcess]:
     state = {"cache": {"backend": "redis", "url": url}}
     yield from module_gateway(tmp_path_factory, name, config=lambda workdir: cache_config(mock, amock, workdir,
                                                                                            state=state))
@@ -419,20 +420,24 @@ def test_stage_defaults_survive_partial_cache_options(gw_defaults, mock):
 
 
 def test_ttl(gw, mock):
+    """Entries expire at their own TTL, fractions of a second kept. Checked against a clock started
+    before the writes, with margins of 0.5 s or more either side, so a slow machine cannot flip it."""
     short, longer = new_tag(), new_tag()
+    started = time.monotonic()
     assert chat(gw, body_for(short, cache_ttl=1)).headers["x-llmrelay-cache"] == "miss"
-    assert chat(gw, body_for(longer, cache_ttl=1.95)).headers["x-llmrelay-cache"] == "miss"
+    assert chat(gw, body_for(longer, cache_ttl=2.8)).headers["x-llmrelay-cache"] == "miss"
     [entry] = stored(gw, short)
     assert entry["expires_at"] - entry["created_at"] == pytest.approx(1.0)
     [entry] = stored(gw, longer)
-    assert entry["expires_at"] - entry["created_at"] == pytest.approx(1.95)
+    assert entry["expires_at"] - entry["created_at"] == pytest.approx(2.8)
     assert chat(gw, body_for(short, cache_ttl=1)).headers["x-llmrelay-cache"] == "hit"
-    assert chat(gw, body_for(longer, cache_ttl=1.95)).headers["x-llmrelay-cache"] == "hit"
-    time.sleep(1.5)
+    assert chat(gw, body_for(longer, cache_ttl=2.8)).headers["x-llmrelay-cache"] == "hit"
+    time.sleep(max(0.0, started + 1.5 - time.monotonic()))
     assert chat(gw, body_for(short, cache_ttl=1)).headers["x-llmrelay-cache"] == "miss"
     assert sent(mock, short) == 2
-    # 1.95 s is 1.95 s, not cut to a whole second
-    assert chat(gw, body_for(longer, cache_ttl=1.95)).headers["x-llmrelay-cache"] == "hit"
+    # 2.8 s is 2.8 s, not cut to a whole 2 s
+    time.sleep(max(0.0, started + 2.2 - time.monotonic()))
+    assert chat(gw, body_for(longer, cache_ttl=2.8)).headers["x-llmrelay-cache"] == "hit"
     assert sent(mock, longer) == 1
 
 
@@ -761,7 +766,7 @@ def test_redis_shared_between_gateways(redis_a, redis_b, mock):
         ids.append(entry["id"])
         assert listed(redis_b, customer_identifier=tag) == [entry]
         # the backend's own TTL is the entry's (to the millisecond, not rounded down to the second)
-        pttl = redis.Redis(host="127.0.0.1", port=6379, db=0).pttl(f"llmrelay:cache:{entry['id']}")
+        pttl = redis.Redis.from_url(REDIS_URL).pttl(f"llmrelay:cache:{entry['id']}")
         assert 99_000 < pttl <= 100_000
 
         hit = chat(redis_b, body_for(tag, cache_ttl=100))

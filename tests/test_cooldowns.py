@@ -17,10 +17,9 @@ import httpx
 from proxy.metrics import Metrics
 from proxy.settings import Cooldowns as Policy
 from proxy.state.cooldowns import KEY_PREFIX, Cooldowns
-from tests.conftest import KEY, base_config
+from tests.conftest import KEY, REDIS_URL, base_config
 from tests.mock_upstream import MockUpstream
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 HI = [{"role": "user", "content": "hi"}]
 
 

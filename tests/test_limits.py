@@ -21,12 +21,11 @@ import redis
 from aiohttp import web
 
 from plugins.limits.counters import KEY_PREFIX
-from tests.conftest import KEY, GatewayProcess, base_config, free_port
+from tests.conftest import KEY, REDIS_URL, GatewayProcess, base_config, free_port
 from tests.mock_server import MockServer
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "hi"}]
-REDIS_URL = "redis://127.0.0.1:6379/0"
 WEBHOOK_SECRET = "whsec-limits-test-9f8e7d"
 
 

@@ -24,8 +24,7 @@ from proxy.metrics import Metrics
 from proxy.model_table import ModelTable
 from proxy.params import GatewayParams
 from proxy.settings import ApiKey, parse_settings
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from tests.conftest import REDIS_URL
 
 
 def ts(text: str) -> float:

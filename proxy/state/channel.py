@@ -11,6 +11,12 @@ from typing import Any
 log = logging.getLogger("llmrelay.state")
 
 
+def scoped(redis: Any, channel: str) -> str:
+    """The channel name for this Redis database: pub/sub ignores the database number, so two
+    deployments sharing one Redis server on different databases would otherwise hear each other."""
+    return f"{channel}:{redis.connection_pool.connection_kwargs.get('db', 0)}"
+
+
 async def follow(redis: Any, channel: str, *, on_subscribed: Callable[[], Awaitable[None]],
                  on_message: Callable[[bytes], Awaitable[None]], what: str) -> None:
     """Subscribe to `channel` and hand every message's data to `on_message`. `on_subscribed` runs

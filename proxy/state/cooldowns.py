@@ -20,7 +20,7 @@ from typing import Any
 
 from proxy.metrics import Metrics
 from proxy.settings import Cooldowns as CooldownPolicy
-from proxy.state.channel import follow
+from proxy.state.channel import follow, scoped
 
 log = logging.getLogger("llmrelay.cooldowns")
 
@@ -133,7 +133,7 @@ class Cooldowns:
         ttl_ms = max(int((until - time.time()) * 1000), 1)
         try:
             if await self._redis.eval(EXTEND_SCRIPT, 1, KEY_PREFIX + key, repr(until), ttl_ms):
-                await self._redis.publish(CHANNEL, f"{until!r} {key}")
+                await self._redis.publish(scoped(self._redis, CHANNEL), f"{until!r} {key}")
         except Exception as exc:  # Redis down: this process still honours its own cooldown
             log.warning("could not share cooldown of %s through redis: %s", key, exc)
 
@@ -150,4 +150,4 @@ class Cooldowns:
             until, _, key = data.decode().partition(" ")
             self.enter(key, float(until))
 
-        await follow(self._redis, CHANNEL, on_subscribed=self._load, on_message=on_message, what="cooldown")
+        await follow(self._redis, scoped(self._redis, CHANNEL), on_subscribed=self._load, on_message=on_message, what="cooldown")

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from proxy.state.channel import follow
+from proxy.state.channel import follow, scoped
 from proxy.store import AdminStore, Conflict, StoredObject
 
 log = logging.getLogger("llmrelay.store")
@@ -117,14 +117,14 @@ class Snapshot:
             with contextlib.suppress(Exception):
                 await self._open_and_load()
 
-        await follow(self._redis, CHANNEL, on_subscribed=reload, on_message=reload, what="admin change")
+        await follow(self._redis, scoped(self._redis, CHANNEL), on_subscribed=reload, on_message=reload, what="admin change")
 
     async def _changed(self) -> None:
         """After a write: reload here before answering, and tell the other workers and replicas."""
         await self.refresh(force=True)
         if self._redis is not None:
             try:
-                await self._redis.publish(CHANNEL, str(self.version))
+                await self._redis.publish(scoped(self._redis, CHANNEL), str(self.version))
             except Exception as exc:  # they will see it at their next poll
                 log.warning("could not publish an admin change notice: %r", exc)
 
