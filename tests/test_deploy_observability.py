@@ -284,8 +284,9 @@ def live(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) 
     messages = [{"role": "user", "content": "hi"}]
     with httpx.Client(base_url=gw.url, headers=AUTH, timeout=10) as client:
         assert client.post("/api/chat/completions", json={"model": "gpt-test", "messages": messages}).status_code == 200
+        # chunks 50 ms apart, so the stream has inter-chunk gaps to count whatever the client's reads join
         with client.stream("POST", "/api/chat/completions",
-                           json={"model": "gpt-test", "messages": messages, "stream": True}) as stream:
+                           json={"model": "mock/mock-slow-3", "messages": messages, "stream": True}) as stream:
             assert stream.status_code == 200
             assert b"[DONE]" in b"".join(stream.iter_bytes())
         ingest = client.post("/api/request-logs/", json={"model": "gpt-test", "prompt_tokens": 1})
