@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import sqlite3
 from collections.abc import Sequence
+from itertools import compress
+from operator import is_not
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +15,23 @@ from proxy.logs.schema import COLUMNS, INDEXES, KINDS, TABLE, decode_row, row_of
 from proxy.logs.sinks.threaded import ThreadedSink
 
 _SQL_TYPES = {"TEXT": "TEXT", "INTEGER": "INTEGER", "REAL": "REAL", "BOOL": "INTEGER", "JSON": "TEXT"}
-_ROW_PLACEHOLDERS = "(" + ", ".join("?" * len(COLUMNS)) + ")"
-
-
+_NONES = (None,) * len(COLUMNS)
 STATEMENT_ROWS = (512, 128, 32, 8, 1)
 
 
-@functools.cache
-def _insert(rows: int) -> str:
-    """One INSERT for `rows` rows.
+@functools.lru_cache(maxsize=256)
+def _insert(present: tuple[bool, ...], rows: int) -> str:
+    """One INSERT of `rows` rows, naming only the columns marked in `present`.
 
+    A row's NULL columns are left out rather than bound: a log record fills about a third of
+    its 84 columns, and binding the NULLs made an insert cost about 33 us instead of 6.
     A multi-row statement is one sqlite3_step, so the writer thread gives up and takes back
     the GIL once per statement instead of once per row: under load, executemany's per-row
     GIL hand-offs with the event loop thread cost more than the inserts themselves.
     """
-    values = ", ".join([_ROW_PLACEHOLDERS] * rows)
-    return f"INSERT OR IGNORE INTO {TABLE} ({', '.join(COLUMNS)}) VALUES {values}"
+    columns = ", ".join(compress(COLUMNS, present))
+    placeholders = "(" + ", ".join("?" * sum(present)) + ")"
+    return f"INSERT OR IGNORE INTO {TABLE} ({columns}) VALUES {', '.join([placeholders] * rows)}"
 
 
 def _column_def(name: str) -> str:
@@ -79,15 +82,23 @@ class SQLiteSink(ThreadedSink):
     def _write(self, records: list[LogRecord]) -> None:
         if self._conn is None:
             raise RuntimeError(f"sqlite log sink {self.path} is not open")
-        most = max(1, self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS))
+        # Records with the same NULL columns go in together (almost always one group).
+        groups: dict[tuple[bool, ...], list[list[Any]]] = {}
+        for record in records:
+            row = row_of(record)  # bools go in as 0/1
+            present = tuple(map(is_not, row, _NONES))
+            groups.setdefault(present, []).append(list(compress(row, present)))
+        variables = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         with self._conn:
-            start = 0
-            while start < len(records):
-                # a few fixed statement sizes, so the prepared statements stay cached
-                size = next(n for n in STATEMENT_ROWS if n <= min(most, len(records) - start))
-                params = [value for r in records[start : start + size] for value in row_of(r)]  # bools go in as 0/1
-                self._conn.execute(_insert(size), params)
-                start += size
+            for present, rows in groups.items():
+                most = max(1, variables // max(1, sum(present)))
+                start = 0
+                while start < len(rows):
+                    # a few fixed statement sizes, so the prepared statements stay cached
+                    size = next(n for n in STATEMENT_ROWS if n <= min(most, len(rows) - start))
+                    params = [value for row in rows[start : start + size] for value in row]
+                    self._conn.execute(_insert(present, size), params)
+                    start += size
 
     def _close(self) -> None:
         if self._conn is not None:
