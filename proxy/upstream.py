@@ -214,7 +214,8 @@ class _Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.used < IDLE_SECONDS:
+            # bytes that came while it was idle (a 408 before a close) would be taken for the next answer
+            if not conn.closed and not conn.got_bytes and now - conn.used < IDLE_SECONDS:
                 return conn
             conn.abort()
         return None
@@ -253,7 +254,11 @@ class UpstreamResponse:
                 if name in PASS_HEADERS or name.startswith(PASS_PREFIXES)}
 
     def _decode(self, data: bytes) -> bytes:
-        return self._decoder.decompress(data) if self._decoder is not None and data else data
+        try:
+            return self._decoder.decompress(data) if self._decoder is not None and data else data
+        except zlib.error as exc:
+            encoding = self.headers.get("content-encoding", "").lower()
+            raise _Broken(f"sent a body that is not valid {encoding} ({exc})", before_answer=False) from None
 
     def _release(self, reuse: bool) -> None:
         if self._released:
@@ -279,6 +284,9 @@ class UpstreamResponse:
                     await conn.wait(max(timeout, 0.0))
                 except TimeoutError:
                     raise UpstreamTimeout(f"Provider '{self.provider}' stopped sending its response") from None
+        except _Broken as exc:
+            self._release(reuse=False)
+            raise UpstreamUnavailable(f"Provider '{self.provider}' broke the connection: {exc}") from None
         except BaseException:
             self._release(reuse=False)
             raise
@@ -306,6 +314,8 @@ class UpstreamResponse:
                 except TimeoutError:
                     raise UpstreamStreamError(
                         f"provider '{self.provider}' stalled: no data within the stream idle timeout") from None
+        except _Broken as exc:
+            raise UpstreamStreamError(f"provider '{self.provider}' broke the stream: {exc}") from None
         finally:
             self._release(reuse=completed)  # an unfinished stream drops the connection: the provider stops
 
@@ -399,7 +409,7 @@ class UpstreamClient:
         await pool.slots.acquire()
         try:
             for attempt in (1, 2):
-                conn = pool.reuse(origin)
+                conn = pool.reuse(origin) if attempt == 1 else None  # a retry: the other idle ones may be closed too
                 reused = conn is not None
                 if conn is None:
                     conn = await self._connect(origin, provider, where, connect_timeout)
