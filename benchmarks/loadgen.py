@@ -71,10 +71,17 @@ def wrk_available() -> bool:
 
 
 def run_wrk(
-    url: str, body: str, token: str | None, concurrency: int, duration: float, core: int | None
+    url: str,
+    body: str,
+    token: str | None,
+    concurrency: int,
+    duration: float,
+    core: int | None,
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
-    """A closed-loop wrk run: one thread, ``concurrency`` keep-alive connections."""
-    env = dict(os.environ, WRK_BODY=body, WRK_AUTH=token or "")
+    """A closed-loop wrk run: one thread, ``concurrency`` keep-alive connections; ``headers`` are sent too."""
+    extra = "\n".join(f"{name}: {value}" for name, value in (headers or {}).items())
+    env = dict(os.environ, WRK_BODY=body, WRK_AUTH=token or "", WRK_HEADERS=extra)
     seconds = max(1, round(duration))
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url]
     out, cpu, _ = _run(_pinned(cmd, core), env, timeout=seconds + 30)
@@ -95,13 +102,21 @@ def run_wrk(
 
 
 def run_stream_client(
-    url: str, body: str, token: str | None, concurrency: int, duration: float, core: int | None
+    url: str,
+    body: str,
+    token: str | None,
+    concurrency: int,
+    duration: float,
+    core: int | None,
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
-    """A closed-loop run of stream_client.py (TTFT and total time per request)."""
+    """A closed-loop run of stream_client.py (TTFT and total time per request); ``headers`` are sent too."""
     cmd = [sys.executable, str(STREAM_CLIENT), "--url", url, "--body", body]
     cmd += ["-c", str(concurrency), "-d", str(duration)]
     if token:
         cmd += ["-H", f"Authorization: Bearer {token}"]
+    for name, value in (headers or {}).items():
+        cmd += ["-H", f"{name}: {value}"]
     out, cpu, _ = _run(_pinned(cmd, core), None, timeout=duration + 60)
     data = json.loads(out)
     return LoadResult(

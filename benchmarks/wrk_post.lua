@@ -1,13 +1,30 @@
 -- wrk script: POST a fixed JSON body and print a JSON summary line at the end.
 -- The body and the Authorization header come from the environment:
---   WRK_BODY  the request body (JSON)
---   WRK_AUTH  optional bearer token
+--   WRK_BODY     the request body (JSON)
+--   WRK_AUTH     optional bearer token
+--   WRK_HEADERS  optional extra headers: "Name: value" lines, or a flat JSON object of strings
+--                (values without escaped quotes)
 wrk.method = "POST"
 wrk.body = os.getenv("WRK_BODY") or "{}"
 wrk.headers["Content-Type"] = "application/json"
 local auth = os.getenv("WRK_AUTH")
 if auth and auth ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. auth
+end
+local extra = os.getenv("WRK_HEADERS")
+if extra and extra ~= "" then
+  if extra:match("^%s*{") then
+    for name, value in extra:gmatch('"([^"]+)"%s*:%s*"([^"]*)"') do
+      wrk.headers[name] = value
+    end
+  else
+    for line in extra:gmatch("[^\r\n]+") do
+      local name, value = line:match("^%s*([^:%s]+)%s*:%s*(.-)%s*$")
+      if name then
+        wrk.headers[name] = value
+      end
+    end
+  end
 end
 
 local function ms(us)
