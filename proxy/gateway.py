@@ -44,6 +44,7 @@ from proxy.sse_gemini import GeminiStreamTap, gemini_usage
 from proxy.sse_gemini import completion_messages as gemini_completion
 from proxy.sse_responses import ResponsesStreamTap, output_message, responses_usage
 from proxy.state.cooldowns import Cooldowns
+from proxy.state.redis import RedisClients
 from proxy.store import make_admin_store
 from proxy.store.snapshot import Snapshot
 from proxy.upstream import UpstreamClient, UpstreamStreamError
@@ -76,8 +77,9 @@ class Gateway:
         self.snapshot = Snapshot(make_admin_store(settings.store), settings.store.poll_interval,
                                  settings.store.notify_url)
         # what stages may use besides the settings and the model table
+        self.redis = RedisClients()
         services = {"metrics": self.metrics, "cooldowns": self.cooldowns, "notifier": self.notifier,
-                    "admin": self.admin, "snapshot": self.snapshot}
+                    "admin": self.admin, "snapshot": self.snapshot, "redis": self.redis}
         self.stages: list[tuple[str, Stage]] = load_stages(settings, self.models, services)
         self.handler = compose([stage for _, stage in self.stages], self.dispatch)
         logs = settings.logs
@@ -170,6 +172,7 @@ class Gateway:
                 except Exception:
                     logger.exception("stage shutdown failed")
         await self.upstream.close()
+        await self.redis.close()
         await self.snapshot.stop()
         await self.cooldowns.stop()
         await self.notifier.stop()

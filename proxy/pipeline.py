@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from proxy.call import Call, Reply
 from proxy.model_table import ModelTable
 from proxy.settings import ConfigError, Settings
+from proxy.state.redis import RedisClient
 
 ENTRY_POINT_GROUP = "llmrelay.stages"
 
@@ -37,6 +38,13 @@ class StageContext:
 
 
 StageFactory = Callable[[StageContext], Stage]
+
+
+def redis_client(context: StageContext, url: str) -> RedisClient:
+    """The gateway's request-path client for `url` (shared by every stage using that Redis);
+    a stage built without a gateway gets its own."""
+    clients = context.services.get("redis")
+    return clients.get(url) if clients is not None else RedisClient(url)
 
 
 def installed_stages() -> dict[str, Any]:

@@ -943,7 +943,7 @@ def test_bad_stage_options_fail_startup(mock_upstream, amock, tmp_path):
 def test_memory_store_evicts_the_oldest_only_for_new_keys():
     import asyncio
 
-    from plugins.cache.store import CacheStore, Entry
+    from plugins.cache.store import Entry, MemoryStore
 
     def entry(body: bytes) -> Entry:
         now = time.time()
@@ -951,7 +951,7 @@ def test_memory_store_evicts_the_oldest_only_for_new_keys():
                      customer=None, created=now, expires=now + 60)
 
     async def run() -> None:
-        store = CacheStore(max_entries=2)
+        store = MemoryStore(max_entries=2)
         await store.set("a", entry(b"1"))
         await store.set("b", entry(b"2"))
         await store.set("a", entry(b"3"))  # stored again: replaces itself, evicts nothing

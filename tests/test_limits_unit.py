@@ -24,6 +24,7 @@ from proxy.metrics import Metrics
 from proxy.model_table import ModelTable
 from proxy.params import GatewayParams
 from proxy.settings import ApiKey, parse_settings
+from proxy.state.redis import RedisClient
 from tests.conftest import REDIS_URL
 
 
@@ -115,7 +116,7 @@ def test_api_key_fields_map_onto_policies():
 
 
 def counters_under_test() -> list[Any]:
-    return [MemoryCounters(), RedisCounters(REDIS_URL)]
+    return [MemoryCounters(), RedisCounters(RedisClient(REDIS_URL))]
 
 
 @pytest.fixture
@@ -131,7 +132,7 @@ def redis_keys():
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_reserve_is_all_or_nothing(kind, redis_keys):
     async def run() -> None:
-        counters = MemoryCounters() if kind == "memory" else RedisCounters(REDIS_URL)
+        counters = MemoryCounters() if kind == "memory" else RedisCounters(RedisClient(REDIS_URL))
         a, b = f"{redis_keys}:a", f"{redis_keys}:b"
         first = await counters.reserve([Charge(a, 1, 2, 60), Charge(b, 5, None, 60)])
         assert first.admitted and first.values == [1.0, 5.0]
@@ -174,7 +175,7 @@ def test_memory_counters_expire_with_their_window():
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_concurrent_reservations_admit_exactly_the_limit(kind, redis_keys):
     async def run() -> None:
-        counters = MemoryCounters() if kind == "memory" else RedisCounters(REDIS_URL)
+        counters = MemoryCounters() if kind == "memory" else RedisCounters(RedisClient(REDIS_URL))
         results = await asyncio.gather(*(counters.reserve([Charge(f"{redis_keys}:n", 1, 50, 60)]) for _ in range(200)))
         assert sum(r.admitted for r in results) == 50
         await counters.close()
@@ -184,7 +185,7 @@ def test_concurrent_reservations_admit_exactly_the_limit(kind, redis_keys):
 
 def test_redis_counters_expire_after_their_window(redis_keys):
     async def run() -> None:
-        counters = RedisCounters(REDIS_URL)
+        counters = RedisCounters(RedisClient(REDIS_URL))
         await counters.reserve([Charge(f"{redis_keys}:ttl", 1, None, 90), Charge(f"{redis_keys}:life", 1, None, 0)])
         client = redis.Redis.from_url(REDIS_URL)
         assert 85 <= client.ttl(f"{KEY_PREFIX}{redis_keys}:ttl") <= 90

@@ -24,12 +24,12 @@ import msgspec
 
 from plugins.cache.admin import admin_routes
 from plugins.cache.keys import cache_key
-from plugins.cache.store import CacheStore, Entry
+from plugins.cache.store import CacheStore, Entry, MemoryStore, RedisStore
 from proxy import replay
 from proxy.call import Call, Prices, Reply, Target
 from proxy.metrics import Metrics
 from proxy.params import CacheOptions
-from proxy.pipeline import Next, StageContext
+from proxy.pipeline import Next, StageContext, redis_client
 
 log = logging.getLogger("llmrelay.cache")
 
@@ -77,7 +77,7 @@ class CacheStage:
         self.admin = admin
         self.hits = metrics.cache_lookups.labels("hit")
         self.misses = metrics.cache_lookups.labels("miss")
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()  # stores on their way
 
     def defaults_for(self, call: Call) -> Defaults:
         if self.options.keys and call.key is not None:
@@ -180,19 +180,20 @@ class CacheStage:
                       model=call.model, served_by=f"{target.provider}/{call.response_model or target.model}"
                       if target else "", customer=call.params.customer(), created=now, expires=now + settings.ttl,
                       prompt_tokens=call.usage.prompt_tokens, completion_tokens=call.usage.completion_tokens)
-        self._spawn(self._write(key, entry))
+        # Redis: the write is sent now and followed by its future (no task); memory: a task
+        written = asyncio.ensure_future(self.store.set(key, entry))
+        self._tasks.add(written)
+        written.add_done_callback(self._written)
 
-    async def _write(self, key: str, entry: Entry) -> None:
-        try:
-            await self.store.set(key, entry)
+    def _written(self, done: asyncio.Future[Any]) -> None:
+        self._tasks.discard(done)
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is None:
             self.metrics.cache_stores.inc()
-        except Exception as exc:
+        else:
             log.warning("could not store a cache entry (%s: %s)", type(exc).__name__, exc)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- lifecycle and admin -----------------------------------------------------------
 
@@ -227,6 +228,7 @@ def create_stage(context: StageContext) -> CacheStage:
         if not defaults.cache_ttl > 0:
             raise ValueError(f"{where}.cache_ttl: expected seconds > 0, got {defaults.cache_ttl}")
     backend = context.settings.state.cache
-    store = CacheStore(backend.url if backend.backend == "redis" else None, max_entries=options.max_entries)
+    store: CacheStore = RedisStore(redis_client(context, backend.url)) if backend.backend == "redis" and backend.url \
+        else MemoryStore(max_entries=options.max_entries)
     metrics = context.services.get("metrics") or Metrics()
     return CacheStage(options, store, metrics, context.services.get("admin"))

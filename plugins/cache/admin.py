@@ -53,7 +53,7 @@ def admin_routes(store: CacheStore, guard: AdminGuard) -> list[Route]:
             by_endpoint[entry.endpoint] += 1
         return json_response({"number_of_entries": count, "total_size_bytes": size,
                               "by_model": dict(by_model), "by_endpoint": dict(by_endpoint),
-                              "backend": "redis" if store.redis else "memory"})
+                              "backend": store.backend})
 
     async def detail(request: Request) -> Response:
         key = request.path_params["id"]

@@ -1,4 +1,4 @@
-"""Where cached answers live: aiocache's memory or Redis backend.
+"""Where cached answers live: in this process (aiocache's memory backend) or in Redis.
 
 An Entry is one successful answer as the gateway relayed it: a whole JSON body, or the whole
 SSE stream. In memory the Entry object itself is kept (a hit decodes nothing); in Redis it is
@@ -8,13 +8,16 @@ a Redis SCAN over the namespace.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import msgspec
-from aiocache import RedisCache, SimpleMemoryCache
+from aiocache import SimpleMemoryCache
 from aiocache.serializers import BaseSerializer
+
+from proxy.state.redis import RedisClient
 
 NAMESPACE = "llmrelay:cache:"
 
@@ -41,24 +44,6 @@ class Entry(msgspec.Struct, kw_only=True, array_like=True):
                 "created_at": self.created, "expires_at": self.expires}
 
 
-class MsgpackSerializer(BaseSerializer):
-    DEFAULT_ENCODING = None  # bytes in, bytes out: aiocache must not decode what Redis returns
-
-    _encoder = msgspec.msgpack.Encoder()
-    _decoder = msgspec.msgpack.Decoder(Entry)
-
-    def dumps(self, value: Entry) -> bytes:
-        return self._encoder.encode(value)
-
-    def loads(self, value: bytes | None) -> Entry | None:
-        if value is None:
-            return None
-        try:
-            return self._decoder.decode(value)
-        except msgspec.DecodeError:  # written by another version: a miss, not an error
-            return None
-
-
 class KeepObjects(BaseSerializer):
     DEFAULT_ENCODING = None
 
@@ -69,27 +54,15 @@ class KeepObjects(BaseSerializer):
         return value
 
 
-class CacheStore:
-    """get / set / delete / list / clear over one aiocache backend."""
+class MemoryStore:
+    """This process's cache: aiocache's memory backend, holding Entry objects (a hit decodes nothing)."""
 
-    def __init__(self, redis_url: str | None = None, *, max_entries: int = 10_000, timeout: float = 0.5) -> None:
-        self.max_entries = max_entries  # memory only: Redis has its own maxmemory policy
-        if redis_url:
-            from redis.asyncio.connection import parse_url
+    backend = "memory"
 
-            options = parse_url(redis_url)
-            # RedisCache puts a ":" between namespace and key itself: the Redis key is NAMESPACE + key
-            self.cache: Any = RedisCache(
-                serializer=MsgpackSerializer(), namespace=NAMESPACE.removesuffix(":"), timeout=timeout,
-                endpoint=options.get("host", "127.0.0.1"), port=options.get("port", 6379), db=options.get("db", 0),
-                password=options.get("password"), create_connection_timeout=timeout,
-                connection_pool_kwargs={"socket_timeout": timeout},
-            )
-            self.redis = True
-        else:
-            # no timeout: a memory lookup never waits, and asyncio.wait_for would cost more than it
-            self.cache = SimpleMemoryCache(serializer=KeepObjects(), namespace=NAMESPACE, timeout=None)
-            self.redis = False
+    def __init__(self, *, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        # no timeout: a memory lookup never waits, and asyncio.wait_for would cost more than it
+        self.cache: Any = SimpleMemoryCache(serializer=KeepObjects(), namespace=NAMESPACE, timeout=None)
 
     async def get(self, key: str) -> Entry | None:
         entry = await self.cache.get(key)
@@ -98,15 +71,13 @@ class CacheStore:
         return entry
 
     async def set(self, key: str, entry: Entry) -> None:
-        # a float: both backends keep sub-second TTLs (Redis PSETEX), so 1.9 s is not cut to 1 s
-        ttl = max(entry.expires - time.time(), 0.001)
-        # memory: a key stored again replaces itself (and becomes the newest): nothing to evict
-        if not self.redis and self.cache._cache.pop(self.cache.build_key(key), None) is None:
+        # a key stored again replaces itself (and becomes the newest): nothing to evict
+        if self.cache._cache.pop(self.cache.build_key(key), None) is None:
             self._make_room()
-        await self.cache.set(key, entry, ttl=ttl)
+        await self.cache.set(key, entry, ttl=max(entry.expires - time.time(), 0.001))
 
     def _make_room(self) -> None:
-        """Memory: past max_entries, drop the oldest entries (dicts keep insertion order)."""
+        """Past max_entries, drop the oldest entries (dicts keep insertion order)."""
         stored: dict[str, Any] = self.cache._cache  # aiocache's memory backend keeps its dict here
         handlers: dict[str, Any] = self.cache._handlers
         while len(stored) >= self.max_entries:
@@ -119,27 +90,86 @@ class CacheStore:
     async def delete(self, key: str) -> bool:
         return bool(await self.cache.delete(key))
 
-    async def clear(self) -> int:
-        count = 0
-        async for key in self.ids():
-            count += await self.delete(key)
-        return count
-
     async def ids(self) -> AsyncIterator[str]:
         """Every stored key, without the namespace."""
-        prefix = self.cache.build_key("")  # the backend's own: what get/delete put before a key
-        if self.redis:
-            async for raw in self.cache.client.scan_iter(match=prefix + "*", count=500):
-                yield raw.decode()[len(prefix):]
-        else:
-            for key in list(self.cache._cache):
-                yield key[len(prefix):]
+        prefix = self.cache.build_key("")
+        for key in list(self.cache._cache):
+            yield key[len(prefix):]
+
+    async def clear(self) -> int:
+        return await clear(self)
 
     async def entries(self) -> AsyncIterator[tuple[str, Entry]]:
-        async for key in self.ids():
-            entry = await self.get(key)
-            if entry is not None:
-                yield key, entry
+        async for item in entries(self):
+            yield item
 
     async def close(self) -> None:
         await self.cache.close()
+
+
+class RedisStore:
+    """Entries shared by every worker and replica: msgpack under NAMESPACE + key, with a TTL
+    (PSETEX: sub-second TTLs are kept, so 1.9 s is not cut to 1 s). Redis's own maxmemory policy
+    bounds it. Commands go through the gateway's auto-pipelined RedisClient."""
+
+    backend = "redis"
+    _encoder = msgspec.msgpack.Encoder()
+    _decoder = msgspec.msgpack.Decoder(Entry)
+
+    def __init__(self, redis: RedisClient) -> None:
+        self.redis = redis
+
+    async def get(self, key: str) -> Entry | None:
+        raw = await self.redis.submit("GET", NAMESPACE + key)
+        if raw is None:
+            return None
+        try:
+            entry = self._decoder.decode(raw)
+        except msgspec.DecodeError:  # written by another version: a miss, not an error
+            return None
+        return entry if entry.expires > time.time() else None
+
+    def set(self, key: str, entry: Entry) -> asyncio.Future[Any]:
+        """Sent at once (with this loop turn's other commands); the future says whether it landed."""
+        ttl_ms = max(int((entry.expires - time.time()) * 1000), 1)
+        return self.redis.submit("SET", NAMESPACE + key, self._encoder.encode(entry), "PX", ttl_ms)
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self.redis.execute("DEL", NAMESPACE + key))
+
+    async def ids(self) -> AsyncIterator[str]:
+        """Every stored key, without the namespace (a SCAN: never blocks Redis)."""
+        cursor: bytes | int = 0
+        while True:
+            cursor, keys = await self.redis.execute("SCAN", cursor, "MATCH", NAMESPACE + "*", "COUNT", 500)
+            for raw in keys:
+                yield raw.decode()[len(NAMESPACE):]
+            if cursor in (b"0", 0):
+                return
+
+    async def clear(self) -> int:
+        return await clear(self)
+
+    async def entries(self) -> AsyncIterator[tuple[str, Entry]]:
+        async for item in entries(self):
+            yield item
+
+    async def close(self) -> None:
+        return None  # the connection belongs to the gateway's RedisClients
+
+
+CacheStore = MemoryStore | RedisStore
+
+
+async def clear(store: CacheStore) -> int:
+    count = 0
+    async for key in store.ids():
+        count += await store.delete(key)
+    return count
+
+
+async def entries(store: CacheStore) -> AsyncIterator[tuple[str, Entry]]:
+    async for key in store.ids():
+        entry = await store.get(key)
+        if entry is not None:
+            yield key, entry

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from plugins.limits.admin import admin_routes
@@ -44,7 +45,7 @@ from proxy.call import Call, Reply
 from proxy.errors import GatewayError, ModelNotFound, ValidationFailed
 from proxy.metrics import Metrics
 from proxy.model_table import ModelTable
-from proxy.pipeline import Next, StageContext
+from proxy.pipeline import Next, StageContext, redis_client
 
 log = logging.getLogger("llmrelay.limits")
 
@@ -88,7 +89,7 @@ class LimitsStage:
         self._alerted: dict[str, float] = {}  # alert key -> its window's end (dedupe within this process)
         self._down_until = 0.0
         self._last_down_log = 0.0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()  # writes and alerts still on their way
         self.admin = admin
         self.configured = policies  # from the config file and its API keys: read-only
         self._created: list[Policy] = []  # created through /api/limits/
@@ -281,19 +282,17 @@ class LimitsStage:
                 fixes.append((a, a.charge._replace(amount=delta)))
         if not fixes:
             return
-        if isinstance(self.counters, MemoryCounters):  # no I/O: settle it now, without a task
+        if isinstance(self.counters, MemoryCounters):  # no I/O: settle it now
             self.counters.add_now([charge for _, charge in fixes])
             self._warn_after(fixes)
-        else:
-            self._spawn(self._adjust(fixes))
+        else:  # sent now, settled when Redis answers; no task, nothing waits on it
+            self._track(self.counters.add([charge for _, charge in fixes]), functools.partial(self._adjusted, fixes))
 
-    async def _adjust(self, fixes: list[tuple[Applied, Charge]]) -> None:
-        try:
-            await self.counters.add([charge for _, charge in fixes])
-        except Exception as exc:
-            self._log_down(exc)
-            return
-        self._warn_after(fixes)
+    def _adjusted(self, fixes: list[tuple[Applied, Charge]], error: BaseException | None) -> None:
+        if error is not None:
+            self._log_down(error)
+        else:
+            self._warn_after(fixes)
 
     def _warn_after(self, fixes: list[tuple[Applied, Charge]]) -> None:
         for a, charge in fixes:
@@ -338,6 +337,18 @@ class LimitsStage:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _track(self, pending: Awaitable[Any], then: Callable[[BaseException | None], None]) -> None:
+        """Follow a write that is already on its way (shutdown waits for it), then call `then`
+        with its error or None."""
+        future = asyncio.ensure_future(pending)
+        self._tasks.add(future)
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            self._tasks.discard(finished)
+            then(asyncio.CancelledError() if finished.cancelled() else finished.exception())
+
+        future.add_done_callback(done)
 
     def routes(self) -> list[Any]:
         return admin_routes(self, self.admin) if self.admin is not None else []
@@ -408,7 +419,7 @@ def create_stage(context: StageContext) -> LimitsStage:
     policies += key_policies(context.settings.keys)
     backend = context.settings.state.counters
     redis_url = backend.url if backend.backend == "redis" else None
-    counters: Counters = RedisCounters(redis_url) if redis_url else MemoryCounters()
+    counters: Counters = RedisCounters(redis_client(context, redis_url)) if redis_url else MemoryCounters()
     metrics = context.services.get("metrics") or Metrics()
     stage = LimitsStage(policies, counters, context.models, metrics, context.services.get("notifier"),
                         redis_url=redis_url, admin=context.services.get("admin"))

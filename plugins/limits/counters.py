@@ -9,9 +9,12 @@ counters exactly. `add` applies the difference between what was reserved and wha
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple, Protocol
+
+from proxy.state.redis import Arg, RedisClient, Script
 
 KEY_PREFIX = "llmrelay:limit:"
 
@@ -32,7 +35,10 @@ class Decision(NamedTuple):
 class Counters(Protocol):
     async def reserve(self, charges: list[Charge]) -> Decision: ...
 
-    async def add(self, charges: list[Charge]) -> None: ...
+    def add(self, charges: list[Charge]) -> Awaitable[None]:
+        """Add each amount to its counter, without a check (a reconciliation). The write starts
+        at once; awaiting the result says whether it landed."""
+        ...
 
     async def value(self, key: str) -> float: ...
 
@@ -134,42 +140,38 @@ for i = 1, #KEYS do
 end
 return 1
 """
+RESERVE = Script(RESERVE_SCRIPT)
+ADD = Script(ADD_SCRIPT)
 
 
 class RedisCounters:
     """Counters shared by every worker and replica that points at the same Redis."""
 
-    def __init__(self, url: str, *, timeout: float = 0.5, max_connections: int = 64) -> None:
-        import redis.asyncio as redis  # only needed when configured
-
-        # a blocking pool: past max_connections a request waits its turn (up to `timeout`) instead of failing
-        pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout,
-                                                     socket_timeout=timeout, socket_connect_timeout=timeout)
-        self._redis: Any = redis.Redis(connection_pool=pool)
-        self._reserve = self._redis.register_script(RESERVE_SCRIPT)
-        self._add = self._redis.register_script(ADD_SCRIPT)
+    def __init__(self, redis: RedisClient) -> None:
+        self._redis = redis
 
     async def reserve(self, charges: list[Charge]) -> Decision:
-        args: list[Any] = []
+        args: list[Arg] = []
         for c in charges:
             args += (repr(c.amount), "" if c.limit is None else repr(c.limit), c.ttl)
-        out = await self._reserve(keys=[KEY_PREFIX + c.key for c in charges], args=args)
+        out = await self._redis.submit_script(RESERVE, [KEY_PREFIX + c.key for c in charges], args)
         if int(out[0]) == 1:
             return Decision(True, [float(v) for v in out[1:]])
         return Decision(False, [float(v) for v in out[2:]], int(out[1]) - 1)
 
-    async def add(self, charges: list[Charge]) -> None:
-        args: list[Any] = []
+    def add(self, charges: list[Charge]) -> asyncio.Future[None]:
+        args: list[Arg] = []
         for c in charges:
             args += (repr(c.amount), c.ttl)
-        await self._add(keys=[KEY_PREFIX + c.key for c in charges], args=args)
+        return self._redis.submit_script(ADD, [KEY_PREFIX + c.key for c in charges], args)
 
     async def value(self, key: str) -> float:
-        return float(await self._redis.get(KEY_PREFIX + key) or 0)
+        return float(await self._redis.execute("GET", KEY_PREFIX + key) or 0)
 
     async def claim(self, key: str, ttl: int) -> bool:
         """True for the first process to claim `key` (an alert's dedupe key) until it expires."""
-        return bool(await self._redis.set(KEY_PREFIX + "alerted:" + key, b"1", nx=True, ex=ttl or None))
+        expiry: tuple[Arg, ...] = ("EX", ttl) if ttl else ()
+        return await self._redis.execute("SET", KEY_PREFIX + "alerted:" + key, b"1", "NX", *expiry) is not None
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        return None  # the connection belongs to the gateway's RedisClients

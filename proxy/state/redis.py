@@ -1,0 +1,281 @@
+"""A lean Redis client for the request path: auto-pipelined commands on one connection.
+
+Every command submitted during one turn of the event loop goes out in a single write, and the
+replies come back in order on the same connection: with many requests in flight, the limit
+reservations, cache lookups and finish-time writes of all of them share round trips. hiredis
+packs commands and parses replies in C. A write nobody waits for (a cache store, a limit
+reconciliation) is submitted without a task: its future carries the outcome.
+
+Errors are RedisError: an error reply, a lost connection, or replies late by more than the
+timeout (the connection is then dropped: a server that stopped answering is not trusted with
+the next command; every command waiting on it fails, so a wait lasts at most twice the
+timeout). After a failed connect the client fails fast for a second instead of making every
+request wait for its own connect timeout. Pub/sub and the admin plane stay on redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import ssl
+import time
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+
+Arg = bytes | str | int | float
+RETRY_CONNECT_AFTER = 1.0  # seconds of failing fast after a connect failed
+
+
+class RedisError(Exception):
+    """Redis answered with an error, or could not be reached in time."""
+
+
+class Script:
+    """A Lua script, run by its SHA1 (loaded once per connection, in the same write as its first use)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: replies are matched to waiting commands in the order they were sent."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader()
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self.outgoing: list[bytes] = []
+        self.flush_scheduled = False
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.scripts: set[str] = set()  # SHA1s loaded on this connection
+        self.lost: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        waiting = self.waiting
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.abort(f"Redis sent an invalid reply ({exc})")
+                return
+            if reply is False:
+                return
+            if not waiting:  # a reply nobody asked for: the stream is out of step
+                self.abort("Redis sent a reply nobody asked for")
+                return
+            waiter = waiting.popleft()[0]
+            if waiter.done():
+                continue  # its caller gave up (cancelled)
+            if isinstance(reply, hiredis.ReplyError):
+                if str(reply).startswith("NOSCRIPT"):
+                    self.scripts.clear()  # flushed behind our back: load again on next use
+                waiter.set_exception(RedisError(str(reply)))
+            else:
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(f"Redis closed the connection ({type(exc).__name__})" if exc else "Redis closed the connection")
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        waiter = self.loop.create_future()
+        if self.lost is not None:
+            waiter.set_exception(RedisError(self.lost))
+            return waiter
+        self.outgoing.append(command)
+        self.waiting.append((waiter, time.monotonic()))
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+        if self.watchdog is None:
+            self.watchdog = self.loop.call_later(self.timeout, self.watch)
+        return waiter
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        if self.outgoing and self.transport is not None and self.lost is None:
+            data = self.outgoing[0] if len(self.outgoing) == 1 else b"".join(self.outgoing)
+            self.outgoing.clear()
+            self.transport.write(data)
+
+    def watch(self) -> None:
+        """One timer per connection instead of one per command: the oldest reply is overdue?"""
+        self.watchdog = None
+        if not self.waiting or self.lost is not None:
+            return
+        late = time.monotonic() - self.waiting[0][1]
+        if late >= self.timeout:
+            self.abort(f"Redis did not answer within {self.timeout:g} s")
+        else:
+            self.watchdog = self.loop.call_later(self.timeout - late, self.watch)
+
+    def abort(self, reason: str) -> None:
+        self.fail(reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def fail(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason
+        self.outgoing.clear()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        while self.waiting:
+            waiter = self.waiting.popleft()[0]
+            if not waiter.done():
+                waiter.set_exception(RedisError(reason))
+
+
+class RedisClient:
+    """Commands on one auto-pipelined connection, opened on first use (and again after a loss)."""
+
+    def __init__(self, url: str, *, timeout: float = 0.5) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"a Redis URL starts with redis://, rediss:// or unix://, got {parts.scheme!r}")
+        query = parse_qs(parts.query)
+        self.socket_path = parts.path if parts.scheme == "unix" else None
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 6379
+        self.tls = parts.scheme == "rediss"
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else (query.get("password") or [None])[0]
+        db = parts.path.strip("/") if self.socket_path is None else (query.get("db") or [""])[0]
+        self.db = int(db) if db else 0
+        self.where = self.socket_path or f"{self.host}:{self.port}"
+        self.timeout = timeout
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+        self._down_until = 0.0
+        self._down_reason = ""
+
+    async def execute(self, *args: Arg) -> Any:
+        """Run one command and return its reply."""
+        return await self.submit(*args)
+
+    async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
+        return await self.submit_script(script, keys, args)
+
+    def submit(self, *args: Arg) -> asyncio.Future[Any]:
+        """Send one command with this loop turn's others; the future gets its reply (or RedisError)."""
+        connection = self._connection
+        if connection is not None and connection.lost is None and connection.loop is asyncio.get_running_loop():
+            return connection.send(hiredis.pack_command(args))
+        return asyncio.ensure_future(self._send_connected(args))
+
+    def submit_script(self, script: Script, keys: list[str], args: list[Arg]) -> asyncio.Future[Any]:
+        """EVALSHA `script`, loading it first (in the same write) on a connection that lacks it.
+        Should the server have dropped its scripts meanwhile (SCRIPT FLUSH), it runs once more."""
+        connection = self._connection
+        if connection is not None and connection.lost is None and script.sha not in connection.scripts \
+                and connection.loop is asyncio.get_running_loop():
+            connection.scripts.add(script.sha)
+            connection.send(hiredis.pack_command(("SCRIPT", "LOAD", script.source))).add_done_callback(_consume)
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        first = self.submit(*command)
+        result = first.get_loop().create_future()
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            if result.done():
+                return
+            if done.cancelled():
+                result.cancel()
+            elif (exc := done.exception()) is None:
+                result.set_result(done.result())
+            elif done is first and str(exc).startswith("NOSCRIPT"):
+                self.submit("EVAL", script.source, *command[2:]).add_done_callback(settle)
+            else:
+                result.set_exception(exc)
+
+        first.add_done_callback(settle)
+        return result
+
+    async def _send_connected(self, args: tuple[Arg, ...]) -> Any:
+        connection = await self._connect()
+        return await connection.send(hiredis.pack_command(args))
+
+    async def _connect(self) -> _Connection:
+        if time.monotonic() < self._down_until:
+            raise RedisError(self._down_reason)
+        loop = asyncio.get_running_loop()
+        connecting = self._connecting
+        if connecting is None or connecting.done() or connecting.get_loop() is not loop:
+            connecting = self._connecting = loop.create_task(self._open())
+        return await asyncio.shield(connecting)
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        connection: _Connection | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self.socket_path is not None:
+                    _, connection = await loop.create_unix_connection(
+                        lambda: _Connection(loop, self.timeout), self.socket_path)
+                else:
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(loop, self.timeout), self.host, self.port,
+                        ssl=ssl.create_default_context() if self.tls else None)
+                setup = []
+                if self.password is not None:
+                    auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+                    setup.append(connection.send(hiredis.pack_command(auth)))
+                if self.db:
+                    setup.append(connection.send(hiredis.pack_command(("SELECT", self.db))))
+                for waiter in setup:
+                    await waiter
+        except BaseException as exc:
+            if connection is not None:
+                connection.abort("the connection setup failed")
+            if isinstance(exc, TimeoutError):
+                reason = f"no connection to Redis at {self.where} within {self.timeout:g} s"
+            elif isinstance(exc, OSError):
+                reason = f"cannot connect to Redis at {self.where}: {exc.strerror or type(exc).__name__}"
+            elif isinstance(exc, RedisError):  # AUTH or SELECT refused: say which, never the password
+                reason = f"Redis at {self.where} refused the connection setup: {exc}"
+            else:
+                raise
+            self._down_until = time.monotonic() + RETRY_CONNECT_AFTER
+            self._down_reason = reason
+            raise RedisError(reason) from None
+        self._connection = connection
+        return connection
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            self._connection.abort("the client was closed")
+            self._connection = None
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """A reply nobody reads (SCRIPT LOAD): a failure shows in the command that follows it."""
+    if not future.cancelled():
+        future.exception()
+
+
+class RedisClients:
+    """One RedisClient per URL: stages that point at the same Redis share its connection, so
+    their commands for one request (and for every request in flight) share writes."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, RedisClient] = {}
+
+    def get(self, url: str) -> RedisClient:
+        client = self._clients.get(url)
+        if client is None:
+            client = self._clients[url] = RedisClient(url)
+        return client
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
