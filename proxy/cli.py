@@ -26,7 +26,7 @@ def _load(path: str | None) -> Settings:
 
 def serve(args: argparse.Namespace) -> int:
     from granian import Granian
-    from granian.constants import Interfaces, Loops
+    from granian.constants import Interfaces, Loops, RuntimeModes
 
     config = str(Path(args.config).resolve()) if args.config else None
     settings = load_settings(config)
@@ -59,6 +59,9 @@ def serve(args: argparse.Namespace) -> int:
             loop=Loops.uvloop,
             log_access=False,
             backlog=2048,
+            # one Rust thread per worker, scheduling without cross-thread work stealing: about
+            # 5-10 % less CPU per request at concurrency 64 (benchmarks/README.md)
+            runtime_mode=RuntimeModes.st,
             # streams end at shutdown_timeout (the worker enforces it); then the log queue drains
             workers_kill_timeout=int(settings.server.shutdown_timeout) + 15,
         ).serve()

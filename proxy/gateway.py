@@ -96,6 +96,7 @@ class Gateway:
         self.logs_api = LogsAPI(self.logs, self.log_store, self.admin, KeyRing(settings.keys),
                                 self.models.prices_for, self.metrics, self.customers_api.settings_of)
         self._retention: asyncio.Task[None] | None = None
+        self._metrics_flusher: asyncio.Task[None] | None = None
         self.keys_api = KeysAPI(self.snapshot, self.admin, {k.name for k in settings.keys})
         self.snapshot.subscribe("key", self._apply_managed_keys)
         self.providers_api = ProvidersAPI(self.snapshot, self.admin, settings)
@@ -146,6 +147,7 @@ class Gateway:
                                                       name="llmrelay-log-retention")
         await self.cooldowns.start()
         await self.notifier.start()
+        self._metrics_flusher = asyncio.create_task(self.metrics.run_flusher(), name="llmrelay-metrics-flush")
         for _, stage in self.stages:
             startup = getattr(stage, "startup", None)
             if startup is not None:
@@ -173,6 +175,9 @@ class Gateway:
                     logger.exception("stage shutdown failed")
         await self.upstream.close()
         await self.redis.close()
+        if self._metrics_flusher is not None:
+            self._metrics_flusher.cancel()
+            await asyncio.wait({self._metrics_flusher})
         await self.snapshot.stop()
         await self.cooldowns.stop()
         await self.notifier.stop()
@@ -217,7 +222,7 @@ class Gateway:
 
     async def handle(self, call: Call) -> Reply:
         """Run the pipeline. Always returns a Reply; gateway errors become their JSON bodies."""
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight_now += 1
         try:
             reply = await self.handler(call)
         except GatewayError as exc:
@@ -226,7 +231,7 @@ class Gateway:
             logger.exception("unhandled error on request %s", call.id)
             reply = self.error_reply(call, InternalError())
         if reply.stream is None:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight_now -= 1
             self.account_body(call, reply)
             if call.params.request_breakdown and reply.status < 400 and reply.body:
                 self.account_cost(call)
@@ -467,7 +472,7 @@ class Gateway:
                 call.status_code = 499
                 call.error = f"client disconnected after {tap.events} events"
             self._settle(call, tap)
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight_now -= 1
             if gap_total:
                 self.metrics.observe_chunk_gaps(call.target.provider if call.target else "none", gaps, gap_total)
             self.finish(call)

@@ -7,6 +7,8 @@ prometheus_client; each worker then writes its values to mmap files in that fold
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import os
 from typing import Any
 
@@ -26,6 +28,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 MAX_MODEL_LABELS = 500
 MAX_CUSTOMER_LABELS = 1000
 CHUNK_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+FLUSH_INTERVAL = 0.5  # seconds: how stale a worker's request metrics may be in /metrics
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 
@@ -123,15 +126,21 @@ class Metrics:
             "llmrelay_alerts_failed", "Alerts given up after all retries (or dropped when the queue was full), by channel",
             ["channel"], registry=r,
         )
-        # labels() costs a dict lookup plus locking; keep the children we have seen.
-        self._children: dict[tuple[str, str, int], tuple] = {}
         # Every label value lives in the registry for good: past this many model names, new
         # ones are counted as "other", so no client can grow /metrics without bound.
         self._models: set[str] = set()
-        self._customers: dict[str, Any] = {}  # customer -> its customer_cost child
+        self._customers: set[str] = set()
+        # What requests observed since the last flush, in plain Python numbers: a request costs
+        # a few dict and list updates instead of about 15 locked prometheus_client calls.
+        self._series: dict[tuple[str, str, int], _Series] = {}
+        self._overhead = _Buckets(OVERHEAD_BUCKETS)
+        self._queue_time = _Buckets(OVERHEAD_BUCKETS)
+        self._customer_cost: dict[str, float] = {}
+        self._chunk_gaps: dict[str, _Buckets] = {}
+        self.in_flight_now = 0  # requests being served by this process
 
     def observe(self, call: Call) -> None:
-        """Record one finished request. Runs on the request path: no I/O beyond mmap writes."""
+        """Record one finished request (applied to the collectors at the next flush)."""
         if call.target is not None:
             model = call.response_model or call.model or "unknown"
             provider = call.target.provider
@@ -144,59 +153,121 @@ class Metrics:
             else:
                 self._models.add(model)
         key = (model, provider, call.status_code)
-        children = self._children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(model, provider, str(call.status_code)),
-                self.latency.labels(model, provider),
-                self.ttft.labels(model, provider),
-                self.tokens.labels(model, provider, "prompt"),
-                self.tokens.labels(model, provider, "completion"),
-                self.cost.labels(model, provider),
-            )
-            self._children[key] = children
-        requests, latency, ttft, prompt_tokens, completion_tokens, cost = children
-        requests.inc()
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series()
+        series.requests += 1
         total = call.elapsed()
-        latency.observe(total)
+        series.latency.add(total)
         if call.ttft is not None:
-            ttft.observe(call.ttft)
-        self.overhead.observe(max(total - call.upstream_time, 0.0))
-        if call.usage.prompt_tokens:
-            prompt_tokens.inc(call.usage.prompt_tokens)
-        if call.usage.completion_tokens:
-            completion_tokens.inc(call.usage.completion_tokens)
+            series.ttft.add(call.ttft)
+        self._overhead.add(max(total - call.upstream_time, 0.0))
+        usage = call.usage
+        series.prompt_tokens += usage.prompt_tokens
+        series.completion_tokens += usage.completion_tokens
         if call.cost:
-            cost.inc(call.cost)
+            series.cost += call.cost
             customer = call.params.customer() or "none"
-            child = self._customers.get(customer)
-            if child is None:
+            if customer not in self._customers:
                 if len(self._customers) >= MAX_CUSTOMER_LABELS:
                     customer = "other"
-                child = self._customers.get(customer) or self.customer_cost.labels(customer)
-                if len(self._customers) < MAX_CUSTOMER_LABELS or customer == "other":
-                    self._customers[customer] = child
-            child.inc(call.cost)
+                else:
+                    self._customers.add(customer)
+            self._customer_cost[customer] = self._customer_cost.get(customer, 0.0) + call.cost
         if call.dispatched:
-            self.queue_time.observe(call.dispatched - call.started)
+            self._queue_time.add(call.dispatched - call.started)
 
     def observe_chunk_gaps(self, provider: str, counts: list[int], total: float) -> None:
         """Add one stream's inter-chunk gaps, counted per CHUNK_GAP_BUCKETS bucket by the relay
-        (`counts` has one more slot for +Inf), to the histogram in one step instead of one
-        observe() per chunk. prometheus_client has no public bulk-observe: this writes the
-        histogram child's bucket and sum values the way observe() does."""
-        child = self.chunk_gap.labels(provider)
-        for i, n in enumerate(counts):
-            if n:
-                child._buckets[i].inc(n)
-        child._sum.inc(total)
+        (`counts` has one more slot for +Inf)."""
+        pending = self._chunk_gaps.get(provider)
+        if pending is None:
+            pending = self._chunk_gaps[provider] = _Buckets(CHUNK_GAP_BUCKETS)
+        pending.merge(counts, total)
+
+    def flush(self) -> None:
+        """Apply what requests observed since the last flush to the collectors. render() does it
+        first; Gateway runs it every FLUSH_INTERVAL, so that with several workers every worker's
+        numbers reach the shared files within that time."""
+        series, self._series = self._series, {}
+        for (model, provider, status), s in series.items():  # labels() makes each child (at 0) on first use
+            self.requests.labels(model, provider, str(status)).inc(s.requests)
+            s.latency.apply(self.latency.labels(model, provider))
+            s.ttft.apply(self.ttft.labels(model, provider))
+            self.tokens.labels(model, provider, "prompt").inc(s.prompt_tokens)
+            self.tokens.labels(model, provider, "completion").inc(s.completion_tokens)
+            self.cost.labels(model, provider).inc(s.cost)
+        customer_cost, self._customer_cost = self._customer_cost, {}
+        for customer, cost in customer_cost.items():
+            self.customer_cost.labels(customer).inc(cost)
+        self._overhead.apply(self.overhead)
+        self._queue_time.apply(self.queue_time)
+        for provider, gaps in self._chunk_gaps.items():
+            gaps.apply(self.chunk_gap.labels(provider))
+        self.in_flight.set(self.in_flight_now)
+
+    async def run_flusher(self) -> None:
+        """flush() every FLUSH_INTERVAL seconds until cancelled (and once more then)."""
+        try:
+            while True:
+                await asyncio.sleep(FLUSH_INTERVAL)
+                self.flush()
+        finally:
+            self.flush()
 
     def render(self) -> tuple[bytes, str]:
+        self.flush()
         if self.multiprocess:
             registry = CollectorRegistry()
             prom_multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Buckets:
+    """Histogram observations not yet applied: a count per bucket (the last one +Inf) and the sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the bucket observe() would pick: value <= bound
+        self.total += value
+
+    def merge(self, counts: list[int], total: float) -> None:
+        for i, n in enumerate(counts):
+            self.counts[i] += n
+        self.total += total
+
+    def apply(self, child: Any) -> None:
+        """Add the counts to a prometheus_client Histogram child and start over. There is no
+        public bulk observe: this writes the child's bucket and sum values as observe() does."""
+        if not any(self.counts):
+            return
+        for i, n in enumerate(self.counts):
+            if n:
+                child._buckets[i].inc(n)
+                self.counts[i] = 0
+        child._sum.inc(self.total)
+        self.total = 0.0
+
+
+class _Series:
+    """One (model, provider, status) series' observations since the last flush."""
+
+    __slots__ = ("requests", "latency", "ttft", "prompt_tokens", "completion_tokens", "cost")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.latency = _Buckets(LATENCY_BUCKETS)
+        self.ttft = _Buckets(LATENCY_BUCKETS)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cost = 0.0
 
 
 def mark_worker_dead(pid: int) -> None:

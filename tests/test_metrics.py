@@ -239,6 +239,7 @@ def test_model_label_values_are_capped():
         call = Call(endpoint="chat", path="/", body={"model": f"mock/random-{i}"}, params=EMPTY, headers={})
         call.target, call.status_code = target, 404
         metrics.observe(call)
+    metrics.flush()  # observations reach the collectors in batches
     families = {s.labels["model"] for m in metrics.registry.collect() if m.name == "llmrelay_requests"
                 for s in m.samples if s.name == "llmrelay_requests_total"}
     assert len(families) == MAX_MODEL_LABELS + 1
