@@ -6,6 +6,8 @@ compared in constant time; a missing, unknown or expired key is a 401 with the s
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from proxy.admin.keys import stored_keys
 from proxy.call import Call, KeyInfo, Reply
 from proxy.errors import Unauthorized
@@ -29,12 +31,12 @@ class AuthStage:
             raise Unauthorized()
         return info
 
-    async def __call__(self, call: Call, next: Next) -> Reply:
+    def __call__(self, call: Call, next: Next) -> Awaitable[Reply]:
         key = presented_key(call.headers)
         if key is None:
             raise Unauthorized()
         call.key = self.identify(key)
-        return await next(call)
+        return next(call)
 
 
 def create_stage(context: StageContext) -> AuthStage:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
@@ -403,9 +404,9 @@ class CredentialsStage:
         call.target = out[0]
         call.routing_time += time.perf_counter() - started
 
-    async def __call__(self, call: Call, next: Next) -> Reply:
+    def __call__(self, call: Call, next: Next) -> Awaitable[Reply]:
         self.plan(call)
-        return await next(call)
+        return next(call)
 
 
 def _first(pair: tuple[float, Deployment]) -> float:

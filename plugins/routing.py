@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import time
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from itertools import accumulate
 from typing import Annotated, Any
 
@@ -177,13 +177,13 @@ class RoutingStage:
 
     # -- the request path -------------------------------------------------------------
 
-    async def __call__(self, call: Call, next: Next) -> Reply:
+    def __call__(self, call: Call, next: Next) -> Awaitable[Reply]:
         started = time.perf_counter()
         try:
             self.route(call)
         finally:
             call.routing_time += time.perf_counter() - started
-        return await next(call)
+        return next(call)
 
     def route(self, call: Call) -> None:
         params = call.params

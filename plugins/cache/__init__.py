@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import msgspec
@@ -97,12 +97,15 @@ class CacheStage:
             omit_log=_given(omit_log, defaults.omit_log),
         )
 
-    async def __call__(self, call: Call, next: Next) -> Reply:
+    def __call__(self, call: Call, next: Next) -> Awaitable[Reply]:
         enabled = call.params.cache_enabled
         if enabled is None:
             enabled = self.defaults_for(call).cache_enabled
         if not enabled or call.endpoint not in CACHEABLE:
-            return await next(call)
+            return next(call)
+        return self.cached(call, next)
+
+    async def cached(self, call: Call, next: Next) -> Reply:
         settings = self.settings_for(call)
         key = cache_key(call, by_model=settings.by_model, by_customer=settings.by_customer)
         try:

@@ -136,12 +136,15 @@ class LimitsStage:
 
     # -- the request path --------------------------------------------------------------
 
-    async def __call__(self, call: Call, next: Next) -> Reply:
+    def __call__(self, call: Call, next: Next) -> Awaitable[Reply]:
         if not (self.policies or self._customers or self._stored_policies or call.params.customer_params):
-            return await next(call)  # nothing to count: the common case costs one test
+            return next(call)  # nothing to count: the common case costs one test
         matched = self.applicable(call)
         if not matched:
-            return await next(call)
+            return next(call)
+        return self.counted(call, next, matched)
+
+    async def counted(self, call: Call, next: Next, matched: list[tuple[Policy, str]]) -> Reply:
         now = self.clock()
         applied = self.charges(call, matched, now)
         decision = await self._reserve(call, applied, now)
@@ -277,9 +280,10 @@ class LimitsStage:
             if metric == "requests":
                 continue
             used = float(call.usage.total_tokens) if metric == "tokens" else call.cost * a.policy.markup
-            delta = used - a.charge.amount
+            charge = a.charge
+            delta = used - charge.amount
             if delta:
-                fixes.append((a, a.charge._replace(amount=delta)))
+                fixes.append((a, Charge(charge.key, delta, charge.limit, charge.ttl)))
         if not fixes:
             return
         if isinstance(self.counters, MemoryCounters):  # no I/O: settle it now

@@ -7,6 +7,7 @@ from zero without anyone resetting anything, and the old counter simply expires.
 from __future__ import annotations
 
 import calendar
+import functools
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -24,7 +25,14 @@ def bounds(window: str, now: float) -> tuple[int, float | None]:
         return start, float(start + size)
     if window == "lifetime":
         return 0, None
-    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return _calendar_bounds(window, int(now // 86400))
+
+
+@functools.lru_cache(maxsize=64)
+def _calendar_bounds(window: str, day_number: int) -> tuple[int, float]:
+    """Week, month and year windows of the UTC day `day_number` (days since the epoch): the
+    same for every request of that day, so worked out once."""
+    day = datetime.fromtimestamp(day_number * 86400, UTC)
     if window == "week":  # ISO weeks start on Monday
         first = day - timedelta(days=day.weekday())
         following = first + timedelta(days=7)

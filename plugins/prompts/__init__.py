@@ -11,6 +11,7 @@ so a request never reads the store. A request without `prompt` costs one attribu
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
@@ -55,9 +56,12 @@ class PromptsStage:
         self.index = PromptIndex()
         self.api = api
 
-    async def __call__(self, call: Call, next: Next) -> Reply:
+    def __call__(self, call: Call, next: Next) -> Awaitable[Reply]:
         if call.params.prompt is None:
-            return await next(call)
+            return next(call)
+        return self.rendered(call, next)
+
+    async def rendered(self, call: Call, next: Next) -> Reply:
         echo = self.apply(call)
         reply = await next(call)
         if echo is not None and reply.stream is None and reply.status < 400 and reply.body:
