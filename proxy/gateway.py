@@ -57,6 +57,9 @@ STREAM_DONE = "stream_done"  # call.state key: the relayed piece just yielded co
 USAGE_ESTIMATED = "usage estimated: the stream ended before the provider reported usage"
 USAGE_ESTIMATED_INPUT = "usage estimated from the input: the provider reported none"
 PROMPTS_NOT_SERVED = "prompt: this gateway does not render prompts (the `prompts` stage is not in its pipeline)"
+OWN_HEADERS = frozenset({"content-type", "x-respan-log-id", "x-respan-gateway-request-id", "x-llmrelay-model",
+                         "x-llmrelay-provider", "x-llmrelay-deployment", "x-llmrelay-attempts", "x-llmrelay-cost",
+                         "x-llmrelay-overhead-ms"})
 COUNT_TOKENS = frozenset({"anthropic.count_tokens", "gemini.countTokens"})  # endpoints that cost nothing
 
 
@@ -347,21 +350,24 @@ class Gateway:
         if not call.omit_log:
             self.logs.put(record_for(call))
 
-    def response_headers(self, call: Call, reply: Reply) -> dict[str, str]:
-        headers = reply.headers
-        headers["x-respan-log-id"] = call.id
-        headers["x-respan-gateway-request-id"] = call.request_id
+    def response_headers(self, call: Call, reply: Reply, media_type: str) -> list[tuple[bytes, bytes]]:
+        """The reply's headers and the gateway's own, as ASGI wants them (the gateway's win)."""
+        raw = [(b"content-type", media_type.encode("latin-1"))]
+        raw += [(name.encode("latin-1"), value.encode("latin-1"))
+                for name, value in reply.headers.items() if name not in OWN_HEADERS]
+        raw.append((b"x-respan-log-id", call.id.encode()))
+        raw.append((b"x-respan-gateway-request-id", call.request_id.encode()))
         target = call.target
         if target is not None:
-            headers["x-llmrelay-model"] = call.response_model or target.model
-            headers["x-llmrelay-provider"] = target.provider
-            headers["x-llmrelay-deployment"] = target.deployment or target.provider
-            headers["x-llmrelay-attempts"] = str(len(call.attempts) or 1)
+            raw.append((b"x-llmrelay-model", (call.response_model or target.model).encode("latin-1", "replace")))
+            raw.append((b"x-llmrelay-provider", target.provider.encode("latin-1", "replace")))
+            raw.append((b"x-llmrelay-deployment", (target.deployment or target.provider).encode("latin-1", "replace")))
+            raw.append((b"x-llmrelay-attempts", b"%d" % (len(call.attempts) or 1)))
         if reply.stream is None and call.status_code < 400:  # a stream's cost is known only at its end
-            headers["x-llmrelay-cost"] = f"{call.cost:.10f}".rstrip("0").rstrip(".") or "0"
+            raw.append((b"x-llmrelay-cost", (b"%.10f" % call.cost).rstrip(b"0").rstrip(b".") or b"0"))
         overhead = max(call.elapsed() - call.upstream_time, 0.0)
-        headers["x-llmrelay-overhead-ms"] = f"{overhead * 1000:.3f}"
-        return headers
+        raw.append((b"x-llmrelay-overhead-ms", b"%.3f" % (overhead * 1000)))
+        return raw
 
     def _settle(self, call: Call, tap: ChatStreamTap | NativeStreamTap) -> None:
         """Usage, served model and content of a stream, from what its tap saw (idempotent)."""

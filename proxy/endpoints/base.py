@@ -14,7 +14,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from proxy.call import Call, Reply
-from proxy.endpoints.body import raw_headers, read_body, request_headers, send_whole
+from proxy.endpoints.body import read_body, request_headers, send_whole
 from proxy.errors import GatewayError, InternalError
 from proxy.gateway import DONE_EVENT, SHUTDOWN, STREAM_CUT_AT_SHUTDOWN, Gateway
 from proxy.params import EMPTY
@@ -92,7 +92,7 @@ class Endpoint(abc.ABC):
     async def send_stream(self, call: Call, reply: Reply, receive: Receive, send: Send) -> None:
         """Relay chunk by chunk. A client that leaves cancels the relay at once, wherever it waits."""
         relay, media_type = self.relay(call, reply)
-        raw = raw_headers(self.gateway.response_headers(call, reply), media_type)
+        raw = self.gateway.response_headers(call, reply, media_type)
         raw.extend(STREAM_HEADERS)
         task = asyncio.current_task()
         disconnected = False

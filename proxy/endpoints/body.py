@@ -68,16 +68,10 @@ def split_gateway_params(call: Call, body: dict[str, Any]) -> None:
     call.model = model or ""
 
 
-def raw_headers(headers: dict[str, str], media_type: str) -> list[tuple[bytes, bytes]]:
-    raw = [(b"content-type", media_type.encode("latin-1"))]
-    raw.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
-    return raw
-
-
 async def send_whole(gateway: Gateway, call: Call, reply: Reply, send: Send) -> None:
     """Send a whole (non-stream) Reply with the gateway's response headers."""
-    raw = raw_headers(gateway.response_headers(call, reply), reply.media_type)
-    raw.append((b"content-length", str(len(reply.body)).encode()))
+    raw = gateway.response_headers(call, reply, reply.media_type)
+    raw.append((b"content-length", b"%d" % len(reply.body)))
     await send({"type": "http.response.start", "status": reply.status, "headers": raw})
     await send({"type": "http.response.body", "body": reply.body})
 

@@ -56,7 +56,10 @@ class LogQueue:
         self._names = names
         self._metrics = metrics
         self._spool = Spool(spool_dir, metrics)
-        self._queue: asyncio.Queue[LogRecord] = asyncio.Queue(maxsize)
+        # a plain deque: nothing ever awaits it (the writer wakes on _ready), and asyncio.Queue's
+        # bookkeeping cost more per record than the append
+        self._queue: deque[LogRecord] = deque()
+        self._maxsize = maxsize
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._replay_interval = replay_interval
@@ -72,20 +75,18 @@ class LogQueue:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def put(self, record: LogRecord) -> bool:
         """Hand a record to the writer. Never blocks on the writer and never raises.
         False: the queue was full (or closing) and the record went to the spool at once."""
-        if not self._closing:
-            try:
-                self._queue.put_nowait(record)
-                self._queued += 1
-                if self._queue.qsize() >= self._batch_size:
-                    self._ready.set()
-                return True
-            except asyncio.QueueFull:
-                pass
+        queue = self._queue
+        if not self._closing and len(queue) < self._maxsize:
+            queue.append(record)
+            self._queued += 1
+            if len(queue) >= self._batch_size:
+                self._ready.set()
+            return True
         # A local append to the page cache (no fsync): the queue is full or we are stopping.
         self._spool.append(self._names, (record,))
         return False
@@ -178,7 +179,7 @@ class LogQueue:
                         await self._write(batch)
                     finally:  # written or spooled, either way
                         self._handled_up_to(len(batch))
-                self._metrics.log_queue_depth.set(self._queue.qsize())
+                self._metrics.log_queue_depth.set(len(self._queue))
                 if not self._closing and loop.time() >= next_replay:
                     self._replay_all()
                     next_replay = loop.time() + self._replay_interval
@@ -190,7 +191,7 @@ class LogQueue:
     async def _next_batch(self, wait_until: float) -> list[LogRecord]:
         """Up to batch_size records, once a full batch waits or flush_interval has passed
         (never later than `wait_until`). The writer wakes per batch, not per record."""
-        if self._queue.qsize() < self._batch_size and not self._closing and not self._waiters:
+        if len(self._queue) < self._batch_size and not self._closing and not self._waiters:
             self._ready.clear()
             loop = asyncio.get_running_loop()
             with contextlib.suppress(TimeoutError):
@@ -199,11 +200,10 @@ class LogQueue:
         return self._drain_nowait(self._batch_size)
 
     def _drain_nowait(self, limit: int | None = None) -> list[LogRecord]:
-        out: list[LogRecord] = []
         q = self._queue
-        while (limit is None or len(out) < limit) and not q.empty():
-            out.append(q.get_nowait())
-        return out
+        count = len(q) if limit is None else min(limit, len(q))
+        popleft = q.popleft
+        return [popleft() for _ in range(count)]
 
     async def _write(self, batch: list[LogRecord]) -> None:
         handled: set[str] = set()  # sinks whose copy was written or handed to the spool
