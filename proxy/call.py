@@ -155,6 +155,7 @@ class Call:
         "warnings",
         "cache_hit",
         "omit_log",
+        "finished",
         "state",
     )
 
@@ -204,6 +205,7 @@ class Call:
         self.warnings: list[str] = []  # go to the log's `warnings`
         self.cache_hit = False  # answered from the response cache (the log's cache_hit)
         self.omit_log = False  # finish writes no log record (a cache hit with cache_options.omit_log)
+        self.finished = False  # Gateway.finish ran: accounted, logged, measured
         self.state: dict[str, Any] = {}  # free-form scratch space for stages
 
     def elapsed(self) -> float:

@@ -340,6 +340,9 @@ class Gateway:
 
     def finish(self, call: Call) -> None:
         """Once per Call: cost, finish hooks, the log record, metrics. No I/O waits here."""
+        if call.finished:
+            return
+        call.finished = True
         self.account_cost(call)
         for hook in call.finish_hooks:
             try:
@@ -395,6 +398,18 @@ class Gateway:
             return self._relay(call, stream, GeminiStreamTap(keep_content=keep_content))
         return self._relay(call, stream, ChatStreamTap(hide_usage_chunk=not call.client_wants_usage,
                                                        keep_content=keep_content))
+
+    def relay_abandoned(self, call: Call) -> None:
+        """A stream whose relay never started (the client left before its first byte could be
+        sent): account and log it as the relay's own cleanup would have."""
+        if call.finished:
+            return
+        if self.streams_ended:
+            call.status_code, call.error = 503, STREAM_CUT_AT_SHUTDOWN
+        else:
+            call.status_code, call.error = 499, "client disconnected before the stream started"
+        self.metrics.in_flight_now -= 1
+        self.finish(call)
 
     async def _relay(self, call: Call, stream: AsyncIterator[bytes],
                      tap: ChatStreamTap | NativeStreamTap) -> AsyncIterator[bytes]:

@@ -288,3 +288,53 @@ def test_a_client_that_leaves_right_after_done_is_not_a_disconnect(gateway, mock
     record = gateway.record(log_id, timeout=5)
     assert record["status_code"] == 200 and record["error_message"] == ""
     assert record["completion_tokens"] == 7
+
+
+def test_a_client_gone_before_the_stream_starts_is_still_logged(mock, tmp_path):
+    """The server cannot even send the stream's headers (the client left): the relay never runs,
+    yet the request is logged once as a client that left, and nothing stays in flight."""
+    import asyncio
+
+    import yaml
+
+    from proxy.app import build_app
+    from proxy.logs.sinks.sqlite import read_records
+    from proxy.settings import load_settings
+    from tests.conftest import base_config
+
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(yaml.safe_dump(base_config(mock, tmp_path)))
+    app = build_app(load_settings(str(config)))
+    body = orjson.dumps({"model": "gpt-test", "messages": HI, "stream": True})
+    scope = {"type": "http", "method": "POST", "path": "/api/chat/completions", "query_string": b"",
+             "client": ("127.0.0.1", 5000),
+             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")]}
+
+    async def scenario() -> int:
+        startup: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        await startup.put({"type": "lifespan.startup"})
+        lifespan = asyncio.ensure_future(app({"type": "lifespan"}, startup.get, events.put))
+        assert (await events.get())["type"] == "lifespan.startup.complete"
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            raise OSError("the client is gone")
+
+        await app(scope, receive, send)
+        in_flight = app.gateway.metrics.in_flight_now
+        await startup.put({"type": "lifespan.shutdown"})
+        assert (await events.get())["type"] == "lifespan.shutdown.complete"
+        await lifespan
+        return in_flight
+
+    assert asyncio.run(scenario()) == 0
+    rows = read_records(tmp_path / "logs.db")
+    assert [(r["status_code"], r["stream"]) for r in rows] == [(499, True)]
+    assert "before the stream started" in rows[0]["error_message"]

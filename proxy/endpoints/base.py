@@ -139,11 +139,17 @@ class Endpoint(abc.ABC):
             streams.discard(task)  # type: ignore[arg-type]
             watcher.cancel()
             await _close(relay)
+            # a relay that never started has not run its cleanup: the Call is still unlogged
+            self.gateway.relay_abandoned(call)
+            await _close(reply.stream)
 
 
 async def _close(relay: Any) -> None:
     """Close the relay generator; its cleanup closes the upstream request and logs the Call."""
+    aclose = getattr(relay, "aclose", None)
+    if aclose is None:
+        return
     try:
-        await relay.aclose()
+        await aclose()
     except Exception:
         logger.exception("closing a stream relay failed")
