@@ -2,6 +2,8 @@
 
 Both clients run as child processes pinned with taskset; their CPU comes from
 ``getrusage(RUSAGE_CHILDREN)`` around the run, so every result says how busy the client was.
+``unique`` (a mark in the body) makes every request body different; ``tick`` is called about
+every ``TICK_S`` while the client runs (run.py samples the gateway's memory with it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPT = HERE / "wrk_post.lua"
 STREAM_CLIENT = HERE / "stream_client.py"
+TICK_S = 0.25
+Tick = Callable[[], None] | None
 
 
 @dataclass
@@ -47,23 +52,33 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _pinned(cmd: list[str], core: int | None) -> list[str]:
+def _pinned(cmd: list[str], core: int | str | None) -> list[str]:
     if core is None or shutil.which("taskset") is None:
         return cmd
     return ["taskset", "-c", str(core), *cmd]
 
 
-def _run(cmd: list[str], env: dict[str, str] | None, timeout: float) -> tuple[str, float, float]:
+def _run(cmd: list[str], env: dict[str, str] | None, timeout: float, tick: Tick = None) -> tuple[str, float, float]:
     cpu0 = _children_cpu()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = t0 + timeout
+    while True:
+        try:
+            out, err = proc.communicate(timeout=TICK_S if tick else max(deadline - time.perf_counter(), 0.01))
+            break
+        except subprocess.TimeoutExpired:
+            if time.perf_counter() > deadline:
+                proc.kill()
+                proc.communicate()
+                raise RuntimeError(f"{cmd[0]} did not finish within {timeout:g} s") from None
+            if tick:
+                tick()
     wall = time.perf_counter() - t0
     cpu = _children_cpu() - cpu0
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
-        )
-    return proc.stdout, cpu, wall
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {err.strip() or out.strip()}")
+    return out, cpu, wall
 
 
 def wrk_available() -> bool:
@@ -76,15 +91,18 @@ def run_wrk(
     token: str | None,
     concurrency: int,
     duration: float,
-    core: int | None,
+    core: int | str | None,
     headers: dict[str, str] | None = None,
+    unique: str | None = None,
+    tick: Tick = None,
 ) -> LoadResult:
-    """A closed-loop wrk run: one thread, ``concurrency`` keep-alive connections; ``headers`` are sent too."""
+    """A closed-loop wrk run: one thread (so ``unique`` counters never repeat), ``concurrency``
+    keep-alive connections; ``headers`` are sent too."""
     extra = "\n".join(f"{name}: {value}" for name, value in (headers or {}).items())
-    env = dict(os.environ, WRK_BODY=body, WRK_AUTH=token or "", WRK_HEADERS=extra)
+    env = dict(os.environ, WRK_BODY=body, WRK_AUTH=token or "", WRK_HEADERS=extra, WRK_UNIQUE=unique or "")
     seconds = max(1, round(duration))
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(WRK_SCRIPT), url]
-    out, cpu, _ = _run(_pinned(cmd, core), env, timeout=seconds + 30)
+    out, cpu, _ = _run(_pinned(cmd, core), env, seconds + 30, tick)
     line = next((ln for ln in out.splitlines() if ln.startswith("WRK_JSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no summary:\n{out}")
@@ -107,18 +125,59 @@ def run_stream_client(
     token: str | None,
     concurrency: int,
     duration: float,
-    core: int | None,
+    core: int | str | None,
     headers: dict[str, str] | None = None,
+    unique: str | None = None,
+    expect_events: int | None = None,
+    tick: Tick = None,
 ) -> LoadResult:
-    """A closed-loop run of stream_client.py (TTFT and total time per request); ``headers`` are sent too."""
-    cmd = [sys.executable, str(STREAM_CLIENT), "--url", url, "--body", body]
-    cmd += ["-c", str(concurrency), "-d", str(duration)]
+    """A closed-loop run of stream_client.py (TTFT, total time and SSE event gaps per request)."""
+    cmd = ["-c", str(concurrency), "-d", str(duration)]
+    return _stream_client(url, body, token, cmd, duration + 60, core, headers, unique, expect_events, tick)
+
+
+def run_stream_hold(
+    url: str,
+    body: str,
+    token: str | None,
+    streams: int,
+    timeout: float,
+    core: int | str | None,
+    headers: dict[str, str] | None = None,
+    unique: str | None = None,
+    expect_events: int | None = None,
+    tick: Tick = None,
+) -> LoadResult:
+    """stream_client.py --hold: ``streams`` connections at once, one stream each."""
+    cmd = ["--hold", str(streams), "--timeout", str(timeout)]
+    return _stream_client(url, body, token, cmd, timeout + 120, core, headers, unique, expect_events, tick)
+
+
+def _stream_client(
+    url: str,
+    body: str,
+    token: str | None,
+    mode: list[str],
+    timeout: float,
+    core: int | str | None,
+    headers: dict[str, str] | None,
+    unique: str | None,
+    expect_events: int | None,
+    tick: Tick,
+) -> LoadResult:
+    cmd = [sys.executable, str(STREAM_CLIENT), "--url", url, "--body", body, *mode]
     if token:
         cmd += ["-H", f"Authorization: Bearer {token}"]
     for name, value in (headers or {}).items():
         cmd += ["-H", f"{name}: {value}"]
-    out, cpu, _ = _run(_pinned(cmd, core), None, timeout=duration + 60)
+    if unique:
+        cmd += ["--unique", unique]
+    if expect_events is not None:
+        cmd += ["--expect-events", str(expect_events)]
+    out, cpu, _ = _run(_pinned(cmd, core), None, timeout, tick)
     data = json.loads(out)
+    keep = ("events_per_stream", "chunk_gap_ms", "inner_gap_ms", "error_samples", "peak_open", "ramp_s", "connect_ms",
+            "streams")
     return LoadResult(
         requests=data["requests"],
         errors=data["errors"],
@@ -127,5 +186,5 @@ def run_stream_client(
         ttft_ms=data.get("ttft_ms"),
         client_cpu_s=cpu,
         error_sample=data.get("error_sample", ""),
-        extra={"events_per_stream": data.get("events_per_stream")},
+        extra={k: data[k] for k in keep if k in data},
     )

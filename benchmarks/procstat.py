@@ -2,14 +2,18 @@
 
 CPU is ``utime + stime`` from ``/proc/<pid>/stat`` (fields 14 and 15, in clock ticks) summed over
 the process and all its live descendants; the kernel counts every thread of a process there,
-including threads that have exited. RSS is ``VmRSS`` from ``/proc/<pid>/status``.
+including threads that have exited. Those fields are whole ticks (10 ms), too coarse for runs of a
+few dozen requests, so each process's threads' run time in nanoseconds (``/proc/<pid>/task/*/schedstat``,
+first field) is read too, and a CPU delta uses it whenever it agrees with the tick delta to within
+the ticks' rounding (it does not when a thread exited in between: its time is gone from the
+per-thread sum). RSS is ``VmRSS`` from ``/proc/<pid>/status``.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -49,6 +53,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15: utime, stime
 
 
+def exec_seconds(pid: int) -> float | None:
+    """Run time of the process's live threads in seconds (ns resolution), None if unreadable."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="latin-1") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
 def rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status", encoding="latin-1") as f:
@@ -66,6 +82,7 @@ class TreeSample:
 
     cpu_s: dict[int, float]
     rss: dict[int, int]
+    exec_s: dict[int, float | None] = field(default_factory=dict)
 
     @property
     def total_cpu_s(self) -> float:
@@ -78,14 +95,29 @@ class TreeSample:
 
 def sample(pid: int) -> TreeSample:
     pids = descendants(pid)
-    return TreeSample({p: cpu_seconds(p) for p in pids}, {p: rss_bytes(p) for p in pids})
+    return TreeSample(
+        {p: cpu_seconds(p) for p in pids}, {p: rss_bytes(p) for p in pids}, {p: exec_seconds(p) for p in pids}
+    )
+
+
+_ROUNDING_S = 2.0 / CLOCK_TICKS  # two readings, each rounded down to whole ticks
 
 
 def cpu_delta(before: TreeSample, after: TreeSample) -> float:
-    """CPU seconds spent between two samples, per pid (a pid gone by ``after`` counts as 0)."""
-    return sum(max(0.0, after.cpu_s.get(p, before.cpu_s[p]) - before.cpu_s[p]) for p in before.cpu_s) + sum(
-        cpu for p, cpu in after.cpu_s.items() if p not in before.cpu_s
-    )
+    """CPU seconds spent between two samples, summed over pids (a pid gone by ``after`` counts as 0,
+    one new in ``after`` with all its time): the precise thread run time where it agrees with the ticks."""
+    total = 0.0
+    for p in before.cpu_s.keys() | after.cpu_s.keys():
+        if p not in after.cpu_s:
+            continue
+        ticks = after.cpu_s[p] - before.cpu_s.get(p, 0.0)
+        e0, e1 = before.exec_s.get(p, 0.0 if p not in before.cpu_s else None), after.exec_s.get(p)
+        precise = e1 - e0 if e0 is not None and e1 is not None else None
+        if precise is not None and abs(precise - ticks) <= _ROUNDING_S + 0.001:
+            total += max(precise, 0.0)
+        else:
+            total += max(ticks, 0.0)
+    return total
 
 
 @dataclass(frozen=True, slots=True)

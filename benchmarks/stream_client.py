@@ -21,6 +21,11 @@ open at the same time, which is what ``peak_open`` shows. A stream that takes lo
         --body '{"model": "m", "stream": true, "messages": [{"role": "user", "content": "chunks=200 delay_ms=20"}]}' \\
         --hold 1000 --expect-events 201
 
+``--unique MARK``: every request replaces the first ``MARK`` in the body with a 10-digit counter
+(fixed width, so one Content-Length; the request bytes are pre-split, one bytes format per request),
+so no two bodies of a run are the same: behind a response cache each is a miss. Put a per-run seed
+next to the mark to keep bodies distinct across runs.
+
 A request is a stream when its body has ``"stream": true``. A stream is correct when the status
 is 200, its body ends with the end marker (``--end-marker``; by default ``data: [DONE]``, or
 ``"type":"message_stop"}`` when the URL path ends with ``/messages``, Anthropic's last event)
@@ -41,6 +46,9 @@ JSON fields (times in ms; each ``*_ms`` is ``{p50, p90, p99, max, mean}``):
   has ``{p50, p90, p99, max, mean, count}``. Against a paced mock (``delay_ms=D``) the direct
   gaps are about D; through a proxy, what it adds per chunk shows as gaps above that (jitter, or
   a proxy falling behind the pace); a delay equal for every event shows in TTFT, not in gaps;
+  ``inner_gap_ms``: the same without each stream's last gap (the wait for the end marker: a
+  gateway that asks upstream for a usage chunk and hides it from the client makes that gap twice
+  the pace, which with 20 chunks alone sets the p99);
 * hold mode adds ``mode: "hold"``, ``streams`` (N), ``peak_open`` (the most streams started
   and not yet finished at one time), ``ramp_s`` (first request sent to the last one sent) and
   ``connect_ms`` (TCP connect times).
@@ -257,6 +265,7 @@ class Results:
     events: list[int] = field(default_factory=list)
     gaps: array = field(default_factory=lambda: array("d"))
     zero_gaps: int = 0
+    inner_gaps: array = field(default_factory=lambda: array("d"))  # without each stream's last gap
     errors: int = 0
     error_sample: str = ""
     error_samples: list[str] = field(default_factory=list)
@@ -279,7 +288,32 @@ class StreamCheck:
     expect_events: int | None = None
 
 
-def build_request(url: str, body: bytes, headers: list[str]) -> tuple[str, int, bytes]:
+class RequestBytes:
+    """The bytes of each request: the same every time, or with a counter in place of the mark."""
+
+    def __init__(self, raw: bytes, mark: bytes | None = None) -> None:
+        self.raw = raw
+        self.count = 0
+        self.split: tuple[bytes, bytes] | None = None
+        if mark:
+            at = raw.find(mark)
+            if at < 0:
+                raise ValueError(f"--unique mark {mark.decode()!r} is not in the body")
+            self.split = raw[:at], raw[at + len(mark):]
+
+    def next(self) -> bytes:
+        if self.split is None:
+            return self.raw
+        self.count += 1
+        return b"%b%010d%b" % (self.split[0], self.count, self.split[1])
+
+
+def build_request(
+    url: str, body: bytes, headers: list[str], unique: str | None = None
+) -> tuple[str, int, RequestBytes]:
+    """Host, port and the request; with ``unique`` its mark is replaced per request by 10 digits."""
+    mark = unique.encode() if unique else None
+    length = len(body) + (10 - len(mark) if mark and mark in body else 0)
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     port = parts.port or 80
@@ -291,10 +325,10 @@ def build_request(url: str, body: bytes, headers: list[str]) -> tuple[str, int, 
         f"Host: {host}:{port}",
         "Content-Type: application/json",
         "Accept: */*",
-        f"Content-Length: {len(body)}",
+        f"Content-Length: {length}",
         *headers,
     ]
-    return host, port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return host, port, RequestBytes(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body, mark)
 
 
 def _check(response: Response, check: StreamCheck, results: Results) -> None:
@@ -312,6 +346,7 @@ def _check(response: Response, check: StreamCheck, results: Results) -> None:
         results.ttfts.append(response.first_byte - response.start)
         if response.gaps:
             results.gaps.extend(response.gaps)
+            results.inner_gaps.extend(response.gaps[:-1])
         results.zero_gaps += response.zero_gaps
     results.latencies.append(response.end - response.start)
 
@@ -363,6 +398,7 @@ def _stream_figures(results: Results, out: dict[str, object]) -> None:
     events = results.events
     out["events_per_stream"] = {"min": min(events, default=0), "max": max(events, default=0)}
     out["chunk_gap_ms"] = gap_summary_ms(results.gaps, results.zero_gaps)
+    out["inner_gap_ms"] = gap_summary_ms(results.inner_gaps, results.zero_gaps)
 
 
 def _cpu() -> float:
@@ -390,7 +426,13 @@ def _common_figures(results: Results, wall: float, cpu: float) -> dict[str, obje
 
 
 async def worker(
-    host: str, port: int, request: bytes, check: StreamCheck, deadline: float, max_requests: int, results: Results
+    host: str,
+    port: int,
+    request: RequestBytes,
+    check: StreamCheck,
+    deadline: float,
+    max_requests: int,
+    results: Results,
 ) -> None:
     loop = asyncio.get_running_loop()
     proto: ClientProtocol | None = None
@@ -404,7 +446,7 @@ async def worker(
                 await asyncio.sleep(0.05)
                 continue
         try:
-            response = await proto.request(request, sse)
+            response = await proto.request(request.next(), sse)
         except (ConnectionClosed, ValueError) as exc:
             results.error(f"{type(exc).__name__}: {exc}")
             proto = None
@@ -425,8 +467,9 @@ async def run(
     duration: float,
     max_requests: int,
     check: StreamCheck | None = None,
+    unique: str | None = None,
 ) -> dict[str, object]:
-    host, port, request = build_request(url, body, headers)
+    host, port, request = build_request(url, body, headers, unique)
     check = check or stream_check(url, body)
     results = Results()
     cpu0 = _cpu()
@@ -457,7 +500,7 @@ class HoldState:
 async def hold_one(
     host: str,
     port: int,
-    request: bytes,
+    request: RequestBytes,
     check: StreamCheck,
     start_at: float,
     timeout: float,
@@ -481,7 +524,7 @@ async def hold_one(
     try:
         state.last_sent = time.perf_counter()
         state.first_sent = state.first_sent or state.last_sent
-        waiter = proto.request(request, check.stream)
+        waiter = proto.request(request.next(), check.stream)
         response = await asyncio.wait_for(waiter, timeout)
     except TimeoutError:
         results.error(f"timeout: no complete response within {timeout:g} s")
@@ -503,8 +546,9 @@ async def hold(
     ramp: float,
     timeout: float,
     check: StreamCheck | None = None,
+    unique: str | None = None,
 ) -> dict[str, object]:
-    host, port, request = build_request(url, body, headers)
+    host, port, request = build_request(url, body, headers, unique)
     check = check or stream_check(url, body)
     results = Results()
     state = HoldState()
@@ -567,6 +611,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="hold mode: seconds allowed per connect and stream")
     parser.add_argument("--end-marker", help="what a correct stream ends with (default: see the module docstring)")
     parser.add_argument("--expect-events", type=int, help="a correct stream has exactly this many SSE events")
+    parser.add_argument("--unique", metavar="MARK", help="replace MARK in the body with a per-request counter")
     args = parser.parse_args(argv)
     if args.hold is not None and args.hold < 1:
         parser.error("--hold needs N >= 1")
@@ -574,9 +619,9 @@ def main(argv: list[str] | None = None) -> None:
     body = args.body.encode()
     check = stream_check(args.url, body, args.end_marker, args.expect_events)
     if args.hold:
-        coro = hold(args.url, body, args.header, args.hold, args.ramp, args.timeout, check)
+        coro = hold(args.url, body, args.header, args.hold, args.ramp, args.timeout, check, args.unique)
     else:
-        coro = run(args.url, body, args.header, args.concurrency, args.duration, args.max_requests, check)
+        coro = run(args.url, body, args.header, args.concurrency, args.duration, args.max_requests, check, args.unique)
     try:
         import uvloop
     except ImportError:

@@ -4,6 +4,9 @@
 --   WRK_AUTH     optional bearer token
 --   WRK_HEADERS  optional extra headers: "Name: value" lines, or a flat JSON object of strings
 --                (values without escaped quotes)
+--   WRK_UNIQUE   optional mark in WRK_BODY: each request replaces it with a 10-digit counter, so every
+--                body differs (a cache miss each; with -t1 the counter is unique within the run, and the
+--                caller puts a per-run seed next to the mark). Fixed width: Content-Length stays the same.
 wrk.method = "POST"
 wrk.body = os.getenv("WRK_BODY") or "{}"
 wrk.headers["Content-Type"] = "application/json"
@@ -24,6 +27,20 @@ if extra and extra ~= "" then
         wrk.headers[name] = value
       end
     end
+  end
+end
+
+local unique = os.getenv("WRK_UNIQUE")
+if unique and unique ~= "" then
+  local at = wrk.body:find(unique, 1, true)
+  if not at then
+    error("WRK_UNIQUE mark not found in WRK_BODY")
+  end
+  local head, tail = wrk.body:sub(1, at - 1), wrk.body:sub(at + #unique)
+  local counter = 0
+  function request()
+    counter = counter + 1
+    return wrk.format(nil, nil, nil, head .. string.format("%010d", counter) .. tail)
   end
 end
 
