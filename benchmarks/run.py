@@ -1,34 +1,33 @@
-"""Run the llmrelay benchmark suite: direct-to-mock vs through the gateway.
+"""Run the llmrelay benchmark suite: the mock directly, then the gateway in each scenario.
 
-    .venv/bin/python benchmarks/run.py            # full run, about 3 minutes
-    .venv/bin/python benchmarks/run.py --quick    # under a minute
-    .venv/bin/python benchmarks/run.py --direct-only   # the mock alone (no gateway)
+    .venv/bin/python benchmarks/run.py                         # everything: 18-20 minutes (the 1M-request soak 5-7)
+    .venv/bin/python benchmarks/run.py --quick                 # the same scenarios, short: about 5 minutes
+    .venv/bin/python benchmarks/run.py --scenarios full,cache-hit --concurrency 1,16 --duration 5
+    .venv/bin/python benchmarks/run.py --peers                 # also LiteLLM and Portkey (benchmarks/peers/install.sh)
 
-Starts the mock upstream pinned to core 1 and the gateway (``llmrelay serve --workers 1``)
-pinned to core 0, then for non-stream and 20-chunk streams at each concurrency measures the mock
-directly and through the gateway. Writes benchmarks/results/latest.{md,json} and refreshes the
-results block in benchmarks/README.md. See benchmarks/README.md for what each figure means.
+Scenarios (--scenarios, in this order): direct, minimal, full, cache-hit, translation, paced, hold, soak,
+scaling, peers (only with --peers or when named). Each gateway scenario starts its own gateway
+(``llmrelay serve --workers 1`` pinned to core 0; the mock and the load client on core 1). Writes
+benchmarks/results/latest.{md,json} and refreshes the results block in benchmarks/README.md (a
+subset or --quick writes latest-<...>.{md,json} and leaves the README alone). See
+benchmarks/README.md for what each figure means.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import json
 import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,356 +35,349 @@ from typing import Any
 import loadgen
 import procstat
 import report
+import scenarios
+from measure import MB, QUIET_BUSY, SETTLE_S, RssPeak, Run, body_for, measure, measure_row, sent, wait_quiet
+from scenarios import FAMILIES, NON_STREAM, PIPELINES, Endpoint, Family, Shape
+from servers import (  # re-exported: peers.py and profile.py use them as run.<name>
+    GATEWAY_CORE,
+    MOCK_CORE,
+    REPO,
+    BenchError,
+    Proc,
+    cache_lookups,
+    count_log_rows,
+    flush_redis,
+    free_port,
+    redis_cache_keys,
+    smoke_check,
+    start,
+    start_floor,
+    start_gateway,
+    start_mock,
+    wait_http,
+)
+
+__all__ = ["GATEWAY_CORE", "MOCK_CORE", "PIPELINES", "BenchError", "Proc", "free_port", "start", "start_gateway",
+           "wait_http"]
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 RESULTS = HERE / "results"
-GATEWAY_CORE = 0
-MOCK_CORE = 1  # the mock and the load client share it; both are reported to stay well below 100 %
-GATEWAY_START_TIMEOUT = 15.0
-OTHER_CPU_WARN = report.OTHER_CPU_WARN
-SETTLE_S = 0.5
-QUIET_BUSY = 0.25  # cores: below this the machine counts as idle
-RETRY_WAIT_S = 15.0  # idle time before/after a measured run, so background work (log sinks) is counted
 
 
-class BenchError(RuntimeError):
-    """A failure that ends the run with a clear message."""
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pinned(cmd: list[str], core: int) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > core:
-        return ["taskset", "-c", str(core), *cmd]
-    return cmd
-
-
-def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def http_post(url: str, body: dict[str, Any], token: str | None) -> tuple[int, bytes]:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+# --------------------------------------------------------------------------- gateway scenarios
 
 
 @dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    stdout: Path
-    stderr: Path
+class Gateway:
+    proc: Proc
+    base: str
+    tmp: Path
+    rss_mb_startup: float = 0.0
+    smoke_requests: int = 0
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def stderr_tail(self, limit: int = 4000) -> str:
-        text = self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
-        out = self.stdout.read_text(errors="replace") if self.stdout.exists() else ""
-        both = (text + ("\n[stdout]\n" + out if out.strip() else "")).strip()
-        return both[-limit:] or "(no output)"
-
-    def stop(self) -> None:
-        """SIGTERM the process group we started (its workers too), SIGKILL after 5 s."""
-        if self.popen.poll() is not None:
-            return
-        pgid = os.getpgid(self.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.popen.wait()
+    def endpoint(self, r: Run, fam: Family) -> Endpoint:
+        translated = fam.fmt == "anthropic"
+        return Endpoint(fam.name, self.base + "/api/chat/completions", fam.model, token=r.token, pid=self.proc.pid,
+                        unique=fam.unique, baseline="direct-anthropic" if translated else "direct",
+                        events_extra=3 if translated else 1,  # translated: a role chunk and a finish chunk
+                        metrics_url=self.base + "/metrics")
 
 
-def start(name: str, cmd: list[str], workdir: Path, core: int, env: dict[str, str] | None = None) -> Proc:
-    out, err = workdir / f"{name}.stdout", workdir / f"{name}.stderr"
-    full_env = dict(os.environ, **env) if env else None
-    with out.open("wb") as fo, err.open("wb") as fe:
-        popen = subprocess.Popen(
-            pinned(cmd, core), stdout=fo, stderr=fe, cwd=REPO, env=full_env, start_new_session=True
-        )
-    return Proc(name, popen, out, err)
+def launch(r: Run, name: str, pipeline: str, workers: int = 1, core: int | str = GATEWAY_CORE) -> Gateway:
+    proc, base = start_gateway(r.mock_port, r.token, r.tmp / name, pipeline, workers, core)
+    print(f"{name}: gateway pid {proc.pid} on {base}, pipeline {pipeline}, {workers} worker(s)", flush=True)
+    return Gateway(proc, base, r.tmp / name, procstat.sample(proc.pid).total_rss / MB)
 
 
-def wait_http(proc: Proc, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise BenchError(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.stderr_tail()}")
-        try:
-            status, body = http_get(url, timeout=0.5)
-            if status == 200:
-                return
-            last = f"HTTP {status}: {body[:200]!r}"
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    raise BenchError(
-        f"{proc.name} did not answer 200 on {url} within {timeout:g} s ({last}):\n{proc.stderr_tail()}"
-    )
-
-
-# --------------------------------------------------------------------------- gateway
-
-
-PIPELINES = {
-    "auth": "[auth]",  # the minimal pipeline
-    "default": "[auth, prompts, limits, cache, routing, credentials, fallback]",  # the gateway's default (no policy, cache off)
-    "classic": "[auth, routing, credentials, fallback]",  # the default before limits and cache joined it
-    # the default with a requests and a cost policy on the key (memory counters): reserve + reconcile per request
-    "limits": "[auth, {name: limits, options: {policies: ["
-              "{name: bench-requests, scope: api_key, metric: requests, window: day, block_threshold: 1.0e+12}, "
-              "{name: bench-cost, scope: api_key, metric: cost, window: day, block_threshold: 1.0e+12}]}}, "
-              "cache, routing, credentials, fallback]",
-    # the default with caching on for every request: after the first, every request is a cache hit
-    "cache-hit": "[auth, limits, {name: cache, options: {defaults: {cache_enabled: true}}}, routing, credentials, "
-                 "fallback]",
-    # the default with every request traced: spans exported to the mock, which accepts and drops them
-    "otel": "[auth, {name: otel, options: {endpoint: 'http://127.0.0.1:{mock_port}/v1/traces', "
-            "schedule_delay_ms: 200}}, limits, cache, routing, credentials, fallback]",
-}
-
-
-def gateway_config(mock_port: int, key_hash: str, tmp: Path, pipeline: str = "auth") -> str:
-    return f"""\
-server: {{host: 127.0.0.1, port: 0, workers: 1}}
-providers:
-  - id: mock
-    protocol: openai
-    base_url: http://127.0.0.1:{mock_port}/v1
-    api_key: sk-mock-upstream
-models:
-  - name: bench-model
-    provider: mock
-    model: gpt-4o-mini
-    prices: {{input: 0.15, output: 0.6}}
-keys:
-  - name: bench
-    key_hash: "{key_hash}"
-    environment: test
-pipeline: {PIPELINES[pipeline].replace("{mock_port}", str(mock_port))}
-logs:
-  spool_dir: {tmp / "spool"}
-  sinks: [{{type: sqlite, path: {tmp / "logs.db"}}}]
-"""
-
-
-def llmrelay_bin() -> Path:
-    candidate = Path(sys.executable).parent / "llmrelay"
-    if candidate.exists():
-        return candidate
-    found = shutil.which("llmrelay")
-    if found:
-        return Path(found)
-    raise BenchError(
-        f"no llmrelay executable next to {sys.executable}; install the project first: "
-        f"{Path(sys.executable).parent / 'pip'} install -e {REPO}"
-    )
-
-
-def start_gateway(mock_port: int, token: str, tmp: Path, pipeline: str = "auth") -> tuple[Proc, str]:
-    key_hash = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
-    config = tmp / "gateway.yaml"
-    config.write_text(gateway_config(mock_port, key_hash, tmp, pipeline))
-    port = free_port()
-    cmd = [str(llmrelay_bin()), "serve", "--config", str(config), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--workers", "1"]
-    return serve("gateway", cmd, port, tmp)
-
-
-def start_floor(mock_port: int, tmp: Path) -> tuple[Proc, str]:
-    """The floor reference: floor_app.py under granian, served like the gateway."""
-    granian = Path(sys.executable).parent / "granian"
-    port = free_port()
-    cmd = [str(granian), "--interface", "asgi", "--loop", "uvloop", "--workers", "1", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--no-access-log", "--working-dir", str(HERE), "floor_app:app"]
-    env = {"BENCH_FLOOR_UPSTREAM": f"http://127.0.0.1:{mock_port}/v1/chat/completions"}
-    return serve("floor", cmd, port, tmp, env)
-
-
-def serve(name: str, cmd: list[str], port: int, tmp: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:
-    """Start a server on the gateway's core and wait for its health check."""
-    proc = start(name, cmd, tmp, GATEWAY_CORE, env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(proc, base + "/api/health-check/", GATEWAY_START_TIMEOUT)
-    except BenchError:
-        proc.stop()
-        raise
-    return proc, base
-
-
-def smoke_check(url: str, body: dict[str, Any], token: str | None, stream: bool) -> None:
-    """One request before measuring, so a broken path fails loudly instead of producing numbers."""
-    status, raw = http_post(url, body, token)
-    if status != 200:
-        raise BenchError(f"POST {url} -> HTTP {status}: {raw[:1000]!r}")
-    if stream:
-        if not raw.rstrip().endswith(b"data: [DONE]"):
-            raise BenchError(f"stream from {url} did not end with 'data: [DONE]': {raw[-1000:]!r}")
+def finish(r: Run, name: str, gw: Gateway, rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
+    """Stop the gateway (its log queue flushes), then compare its sqlite rows with the requests sent."""
+    if gw.proc.popen.poll() is not None:
+        r.issue(f"{name}: the gateway died (exit code {gw.proc.popen.returncode}):\n{gw.proc.stderr_tail(2000)}")
     else:
-        try:
-            data = json.loads(raw)
-            assert data["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError, AssertionError):
-            raise BenchError(f"POST {url} returned no chat completion: {raw[:1000]!r}") from None
+        info.setdefault("rss_mb_startup", gw.rss_mb_startup)
+        info.setdefault("rss_mb_end", procstat.sample(gw.proc.pid).total_rss / MB)
+    gw.proc.stop()
+    rows_logged = count_log_rows(gw.tmp / "logs.db")
+    requests = sent(rows) + gw.smoke_requests + info.pop("extra_requests", 0)
+    info |= {"log_rows": rows_logged, "requests_sent": requests}
+    if not isinstance(rows_logged, int) or rows_logged < requests:
+        r.issue(f"{name}: the gateway logged {rows_logged} rows for {requests:,} requests sent "
+                f"(sqlite sink, counted after shutdown); process logs in {gw.tmp}")
+    r.results["gateways"][name] = info
 
 
-# --------------------------------------------------------------------------- scenarios
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str  # "direct", "floor" or "gateway"
-    url: str
-    model: str
-    token: str | None
-    server: Proc | None = None  # the process under test (CPU and RSS are read from its tree)
-
-
-def request_body(model: str, stream: bool, direct: bool, chunks: int, delay_ms: float) -> dict[str, Any]:
-    content = "hi" if (chunks == 20 and not delay_ms) else f"chunks={chunks} delay_ms={delay_ms:g}"
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}]}
-    if stream:
-        body["stream"] = True
-        if direct:  # the mock then sends the same usage chunk the gateway asks for
-            body["stream_options"] = {"include_usage": True}
-    return body
-
-
-def run_load(
-    target: Target, body: str, stream: bool, concurrency: int, duration: float
-) -> loadgen.LoadResult:
-    if stream or not loadgen.wrk_available():
-        return loadgen.run_stream_client(target.url, body, target.token, concurrency, duration, MOCK_CORE)
-    return loadgen.run_wrk(target.url, body, target.token, concurrency, duration, MOCK_CORE)
-
-
-def measure(
-    target: Target, stream: bool, concurrency: int, args: argparse.Namespace, mock: Proc
-) -> dict[str, Any]:
-    body = json.dumps(request_body(target.model, stream, target.name == "direct", args.chunks, args.delay_ms))
-    # Warm-up with the Python client (fractional seconds), then settle.
-    warm = loadgen.run_stream_client(target.url, body, target.token, concurrency, args.warmup, MOCK_CORE)
-    time.sleep(SETTLE_S)
-    server = target.server
-    t0 = time.perf_counter()
-    sys0, mock0 = procstat.system_sample(), procstat.sample(mock.pid)
-    srv0 = procstat.sample(server.pid) if server else None
-    result = run_load(target, body, stream, concurrency, args.duration)
-    time.sleep(SETTLE_S)
-    sys1, mock1 = procstat.system_sample(), procstat.sample(mock.pid)
-    srv1 = procstat.sample(server.pid) if server else None
-    window = time.perf_counter() - t0
-
-    wall = result.wall_s or 1.0
-    mock_cpu = procstat.cpu_delta(mock0, mock1)
-    server_cpu = procstat.cpu_delta(srv0, srv1) if srv0 and srv1 else 0.0
-    other = sys1.busy_s - sys0.busy_s - mock_cpu - server_cpu - result.client_cpu_s
-    row: dict[str, Any] = {
-        "target": target.name,
-        "mode": "stream" if stream else "non-stream",
-        "concurrency": concurrency,
-        "requests": result.requests,
-        "errors": result.errors,
-        "error_sample": result.error_sample,
-        "wall_s": result.wall_s,
-        "rps": result.rps,
-        "latency_ms": result.latency_ms,
-        "ttft_ms": result.ttft_ms,
-        "client": "stream_client.py" if stream or not loadgen.wrk_available() else "wrk",
-        "client_cpu_util": result.client_cpu_util,
-        "mock_cpu_util": mock_cpu / wall,
-        "other_cpu_util": max(other, 0.0) / window,
-        "steal_util": (sys1.steal_s - sys0.steal_s) / window,
-        "warmup_requests": warm.requests + warm.errors,
-        **result.extra,
-    }
-    if srv0 and srv1:
-        row |= {
-            "server_cpu_s": server_cpu,
-            "server_cpu_us_per_req": server_cpu / result.requests * 1e6 if result.requests else None,
-            "server_cpu_util": server_cpu / wall,
-            "server_rss_mb_before": srv0.total_rss / 2**20,
-            "server_rss_mb_after": srv1.total_rss / 2**20,
-            "server_pids": len(srv1.rss),
-        }
-    return row
-
-
-def wait_quiet(limit_s: float, busy_max: float = QUIET_BUSY) -> float:
-    """Wait up to ``limit_s`` for the machine to idle; returns the last busy reading (in cores)."""
-    deadline = time.monotonic() + limit_s
-    busy = procstat.machine_busy(1.0)
-    while busy > busy_max and time.monotonic() < deadline:
-        busy = procstat.machine_busy(1.0)
-    return busy
-
-
-def measure_quietly(
-    target: Target, stream: bool, concurrency: int, args: argparse.Namespace, mock: Proc
-) -> dict[str, Any]:
-    """measure(), again (up to --retries times) if other programs were busy; keeps the quietest."""
-    row = measure(target, stream, concurrency, args, mock)
-    for attempt in range(args.retries):
-        if row["other_cpu_util"] <= OTHER_CPU_WARN:
-            break
-        print(f"  other programs used {row['other_cpu_util']:.0%} of a core: retry {attempt + 1}", flush=True)
-        wait_quiet(RETRY_WAIT_S)
-        again = measure(target, stream, concurrency, args, mock)
-        row = min(row, again, key=lambda r: r["other_cpu_util"])
-    return row
-
-
-def add_deltas(rows: list[dict[str, Any]]) -> None:
-    """Added latency = gateway (or floor) minus direct, for the same mode and concurrency."""
-    direct = {(r["mode"], r["concurrency"]): r for r in rows if r["target"] == "direct"}
-    for r in rows:
-        base = direct.get((r["mode"], r["concurrency"]))
-        if r["target"] == "direct" or base is None:
+def smoke_family(r: Run, fam: Family, gw: Gateway, ep: Endpoint) -> list[str]:
+    """One request of each mode; for the cache scenarios, what the cache answered (and for
+    cache-hit a second request, which must be a hit)."""
+    notes = []
+    for shape in (NON_STREAM, Shape(True, r.args.chunks)):
+        body, _ = body_for(ep, shape, r.seed if fam.name == "cache-hit" else f"smoke{secrets.token_hex(4)}")
+        first = smoke_check(ep, shape, body).get("x-llmrelay-cache", "-")
+        gw.smoke_requests += 1
+        if fam.pipeline == "minimal":
             continue
-        r["added_p50_ms"] = r["latency_ms"]["p50"] - base["latency_ms"]["p50"]
-        r["added_p99_ms"] = r["latency_ms"]["p99"] - base["latency_ms"]["p99"]
-        if r.get("ttft_ms") and base.get("ttft_ms"):
-            r["added_ttft_p50_ms"] = r["ttft_ms"]["p50"] - base["ttft_ms"]["p50"]
+        note = f"{shape.mode}: x-llmrelay-cache {first}"
+        if fam.name == "cache-hit":
+            time.sleep(0.3)  # the answer is stored in the background
+            second = smoke_check(ep, shape, body).get("x-llmrelay-cache", "-")
+            gw.smoke_requests += 1
+            note += f", then {second}"
+            if second != "hit":
+                r.issue(f"cache-hit: the second identical {shape.mode} request was a {second}, not a hit")
+        elif fam.pipeline == "full" and first != "miss":
+            r.issue(f"{fam.name}: a {shape.mode} request with a new body was answered {first!r}, not 'miss'")
+        notes.append(note)
+    return notes
 
 
-def describe(row: dict[str, Any]) -> str:
-    lat = row["latency_ms"]
-    text = (
-        f"{row['target']:>7} {row['mode']:<10} c={row['concurrency']:<3} {row['rps']:>9,.0f} rps  "
-        f"p50 {lat['p50']:.3f} ms  p99 {lat['p99']:.3f} ms  client CPU {row['client_cpu_util']:.0%}  "
-        f"mock CPU {row['mock_cpu_util']:.0%}"
-    )
-    if row.get("server_cpu_us_per_req") is not None:
-        text += f"  server {row['server_cpu_us_per_req']:.0f} us/req ({row['server_cpu_util']:.0%})"
-    if row["other_cpu_util"] > OTHER_CPU_WARN:
-        text += f"  (other CPU {row['other_cpu_util']:.0%}!)"
-    if row["errors"]:
-        text += f"  ERRORS {row['errors']}: {row['error_sample'][:200]}"
-    return text
+def run_family(r: Run, fam: Family) -> None:
+    gw = launch(r, fam.name, fam.pipeline)
+    ep = gw.endpoint(r, fam)
+    rows: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"pipeline": fam.pipeline, "about": fam.about}
+    try:
+        info["smoke"] = smoke_family(r, fam, gw, ep)
+        for shape in r.shapes():
+            for conc in r.levels(shape.stream):
+                if fam.fmt == "anthropic":
+                    measure_row(r, r.direct("anthropic"), shape, conc)
+                rows.append(measure_row(r, ep, shape, conc, fixed_tag=r.seed if fam.name == "cache-hit" else ""))
+                if gw.proc.popen.poll() is not None:
+                    raise BenchError(f"{fam.name}: gateway died:\n{gw.proc.stderr_tail()}")
+        info["cache_lookups"] = cache_lookups(ep.metrics_url)
+        if PIPELINES[fam.pipeline].redis:
+            info["redis_cache_keys"] = keys = redis_cache_keys()
+            if fam.unique and keys == 0:
+                r.issue(f"{fam.name}: no cache entries in Redis after the run (every answer should be stored)")
+    finally:
+        finish(r, fam.name, gw, rows, info)
+    hits = sum(x.get("cache_hits", 0) for x in rows)
+    if fam.unique and hits > 0.001 * sum(x["requests"] for x in rows):
+        r.issue(f"{fam.name}: {hits:.0f} cache hits while every body was unique (expected ~0)")
+
+
+def run_direct(r: Run) -> None:
+    ep = r.direct()
+    for shape in r.shapes():
+        for conc in r.levels(shape.stream):
+            measure_row(r, ep, shape, conc)
+
+
+def floor_endpoint(r: Run, name: str) -> tuple[Proc, Endpoint]:
+    proc, base = start_floor(r.mock_port, r.tmp / name)
+    return proc, Endpoint("floor", base + "/api/chat/completions", scenarios.MODEL, pid=proc.pid, baseline="direct",
+                          events_extra=None)
+
+
+def run_floor(r: Run) -> None:
+    proc, ep = floor_endpoint(r, "floor")
+    try:
+        for shape in r.shapes():
+            for conc in r.levels(shape.stream):
+                measure_row(r, ep, shape, conc)
+    finally:
+        proc.stop()
+
+
+def run_paced(r: Run) -> None:
+    """Streams paced like a model (--delay-ms apart), direct and through the full pipeline (and the
+    floor with --floor)."""
+    fam = FAMILIES["full"]
+    gw = launch(r, "paced", fam.pipeline)
+    ep = gw.endpoint(r, fam)
+    floor, floor_ep = floor_endpoint(r, "paced-floor") if r.args.floor else (None, None)
+    rows: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"pipeline": fam.pipeline, "about": "paced streams through the full pipeline"}
+    try:
+        info["smoke"] = smoke_family(r, fam, gw, ep)
+        for chunks in r.args.paced_chunks:
+            shape = Shape(True, chunks, r.args.delay_ms)
+            # at least a few whole streams per connection, so each figure has more than one sample
+            duration = max(r.args.duration, r.args.paced_streams * chunks * r.args.delay_ms / 1000)
+            for conc in r.args.levels or scenarios.STREAM_LEVELS:
+                measure_row(r, r.direct(), shape, conc, duration)
+                if floor_ep:
+                    measure_row(r, floor_ep, shape, conc, duration)
+                rows.append(measure_row(r, ep, shape, conc, duration))
+    finally:
+        if floor:
+            floor.stop()
+        finish(r, "paced", gw, rows, info)
+
+
+def run_hold(r: Run) -> None:
+    """--hold streams open at once through the full pipeline; the gateway's RSS is sampled while they run."""
+    a = r.args
+    fam = FAMILIES["full"]
+    gw = launch(r, "hold", fam.pipeline)
+    ep = gw.endpoint(r, fam)
+    shape = Shape(True, a.hold_chunks, a.hold_delay_ms)
+    info: dict[str, Any] = {"pipeline": fam.pipeline, "streams": a.hold, "chunks": a.hold_chunks,
+                            "delay_ms": a.hold_delay_ms}
+    try:
+        info["smoke"] = smoke_family(r, fam, gw, ep)
+        body, unique = body_for(ep, shape, secrets.token_hex(4))
+        peak = RssPeak(gw.proc.pid)
+        sys0, mock0, srv0 = procstat.system_sample(), procstat.sample(r.mock.pid), procstat.sample(gw.proc.pid)
+        t0 = time.perf_counter()
+        res = loadgen.run_stream_hold(ep.url, body, r.token, a.hold, a.hold_timeout, MOCK_CORE, None, unique,
+                                      ep.events(shape), peak.tick)
+        time.sleep(SETTLE_S)
+        sys1, mock1, srv1 = procstat.system_sample(), procstat.sample(r.mock.pid), procstat.sample(gw.proc.pid)
+        window = time.perf_counter() - t0
+        server_cpu, mock_cpu = procstat.cpu_delta(srv0, srv1), procstat.cpu_delta(mock0, mock1)
+        wall = res.wall_s or 1.0
+        info |= {
+            "completed": res.requests, "errors": res.errors, "error_sample": res.error_sample,
+            "error_samples": res.extra.get("error_samples"), "peak_open": res.extra.get("peak_open"),
+            "ramp_s": res.extra.get("ramp_s"), "wall_s": res.wall_s, "latency_ms": res.latency_ms,
+            "ttft_ms": res.ttft_ms, "chunk_gap_ms": res.extra.get("chunk_gap_ms"),
+            "inner_gap_ms": res.extra.get("inner_gap_ms"),
+            "connect_ms": res.extra.get("connect_ms"),
+            "server_cpu_util": server_cpu / wall,
+            "server_cpu_us_per_stream": server_cpu / res.requests * 1e6 if res.requests else None,
+            "rss_mb_before": srv0.total_rss / MB, "rss_mb_peak": peak.total / MB,
+            "rss_mb_peak_proc": peak.proc / MB, "rss_mb_after": srv1.total_rss / MB,
+            "client_cpu_util": res.client_cpu_util, "mock_cpu_util": mock_cpu / wall,
+            "other_cpu_util": max(sys1.busy_s - sys0.busy_s - server_cpu - mock_cpu - res.client_cpu_s, 0) / window,
+            "extra_requests": a.hold,
+        }
+        print(report.describe_hold(info), flush=True)
+        if res.errors or res.requests != a.hold:
+            r.issue(f"hold: {res.requests} of {a.hold} streams correct, {res.errors} errors; samples: "
+                    f"{res.extra.get('error_samples')} (reproduce: run.py --scenarios hold --hold {a.hold})")
+    finally:
+        finish(r, "hold", gw, [], info)
+
+
+def run_soak(r: Run) -> None:
+    """--soak requests at concurrency 64 through the full pipeline, in slices, with the RSS after each."""
+    a = r.args
+    fam = FAMILIES["full"]
+    gw = launch(r, "soak", fam.pipeline)
+    ep = gw.endpoint(r, fam)
+    info: dict[str, Any] = {"pipeline": fam.pipeline, "target_requests": a.soak, "concurrency": scenarios.SOAK_CONCURRENCY}
+    slices: list[dict[str, Any]] = []
+    try:
+        info["smoke"] = smoke_family(r, fam, gw, ep)
+        time.sleep(1.0)
+        info["rss_mb_idle"] = procstat.sample(gw.proc.pid).total_rss / MB
+        done, rate, per_slice = 0, 0.0, a.soak / a.soak_slices
+        while done < a.soak:
+            want = min(a.soak - done, per_slice)
+            duration = max(1, round(want / rate)) if rate else min(5, max(1, round(want / 2000)))
+            body, unique = body_for(ep, NON_STREAM, secrets.token_hex(4))
+            peak = RssPeak(gw.proc.pid)
+            srv0 = procstat.sample(gw.proc.pid)
+            res = loadgen.run_wrk(ep.url, body, r.token, scenarios.SOAK_CONCURRENCY, duration, MOCK_CORE, None,
+                                  unique, peak.tick)
+            time.sleep(SETTLE_S)
+            srv1 = procstat.sample(gw.proc.pid)
+            done += res.requests + res.errors
+            rate = res.rps
+            cpu = procstat.cpu_delta(srv0, srv1)
+            slices.append({"requests_done": done, "requests": res.requests, "errors": res.errors, "rps": res.rps,
+                           "p99_ms": res.latency_ms["p99"],
+                           "server_cpu_us_per_req": cpu / res.requests * 1e6 if res.requests else None,
+                           "rss_mb_during_max": peak.total / MB, "rss_mb_max_proc": peak.proc / MB,
+                           "rss_mb_after": srv1.total_rss / MB})
+            print(report.describe_slice(slices[-1]), flush=True)
+            if res.errors:
+                r.issue(f"soak: {res.errors} errors in slice {len(slices)} ({res.error_sample})")
+            if res.errors > res.requests:
+                r.issue("soak: stopped early, most requests failed")
+                break
+        time.sleep(2.0)
+        info["rss_mb_end"] = procstat.sample(gw.proc.pid).total_rss / MB
+        info |= report.soak_growth(slices, info)
+        info["slices"] = slices
+        info["requests_done"] = done
+        info["extra_requests"] = done
+        info["redis_cache_keys"] = redis_cache_keys()
+    finally:
+        finish(r, "soak", gw, [], info)
+
+
+def set_affinity(pids: list[int], cores: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):  # a pid that is gone
+            os.sched_setaffinity(pid, cores)
+
+
+def run_scaling(r: Run) -> None:
+    """Full pipeline, non-stream, concurrency 64: one worker on core 0, then two workers on both cores
+    (the mock and wrk then run on both cores too: on a 2-core machine they compete with the gateway)."""
+    fam = FAMILIES["full"]
+    both = "0,1"
+    mock_pids = procstat.descendants(r.mock.pid)
+    runs = []
+    for workers in (1, 2):
+        name = f"scaling-{workers}w"
+        gw = launch(r, name, fam.pipeline, workers, GATEWAY_CORE if workers == 1 else both)
+        ep = gw.endpoint(r, fam)
+        ep = replace(ep, name=name, metrics_url=None)
+        rows: list[dict[str, Any]] = []
+        info: dict[str, Any] = {"pipeline": fam.pipeline, "workers": workers}
+        try:
+            info["smoke"] = smoke_family(r, fam, gw, ep)
+            if workers == 2:
+                set_affinity(mock_pids, {0, 1})
+            row = measure(r, ep, NON_STREAM, scenarios.SCALING_CONCURRENCY, r.args.duration,
+                          core=MOCK_CORE if workers == 1 else both)
+            row["workers"] = workers
+            print(report.describe(row), flush=True)
+            rows.append(row)
+            runs.append(row)
+            if row["errors"]:
+                r.issue(f"{name}: {row['errors']} errors; samples: {row.get('error_samples') or row['error_sample']}")
+        finally:
+            set_affinity(mock_pids, {MOCK_CORE})
+            finish(r, name, gw, rows, info)
+    r.results["scaling"] = report.scaling_summary(runs)
+
+
+def run_peers(r: Run) -> None:
+    import peers
+
+    installed = [name for name, ok in peers.available().items() if ok]
+    if not installed:
+        print(f"peers: none installed ({peers.INSTALL_HINT}): skipped", flush=True)
+        r.results["peers"] = {"installed": {}}
+        return
+    r.results["peers"] = {"installed": {n: peers.version(n) for n in installed}, "caveats": peers.CAVEATS}
+    duration = r.args.peer_duration
+    for name in installed:
+        try:
+            peer = peers.start(name, r.mock_port, r.tmp / name, GATEWAY_CORE)
+        except BenchError as exc:  # one peer failing to start leaves the other to measure
+            r.issue(f"peer {name} did not start: {exc}")
+            continue
+        print(f"{name}: pid {peer.pid} on {peer.url}", flush=True)
+        ep = Endpoint(name, peer.url, peer.model, headers=tuple(peer.headers.items()), pid=peer.pid,
+                      baseline="direct", events_extra=None)
+        try:
+            peers.check_peer(peer)
+            for stream, levels in ((False, scenarios.PEER_NON_STREAM_LEVELS), (True, scenarios.PEER_STREAM_LEVELS)):
+                shape = Shape(True, r.args.chunks) if stream else NON_STREAM
+                if shape.mode not in r.args.modes:
+                    continue
+                for conc in [c for c in levels if not r.args.levels or c in r.args.levels]:
+                    measure_row(r, ep, shape, conc, duration)
+        except (BenchError, RuntimeError) as exc:
+            r.issue(f"peer {name} failed: {exc}\n{peer.stderr_tail(1000)}")
+        finally:
+            peer.stop()
+
+
+RUNNERS: dict[str, Callable[[Run], None]] = {
+    "direct": run_direct,
+    **{name: (lambda r, fam=fam: run_family(r, fam)) for name, fam in FAMILIES.items()},
+    "paced": run_paced,
+    "hold": run_hold,
+    "soak": run_soak,
+    "scaling": run_scaling,
+    "peers": run_peers,
+}
 
 
 # --------------------------------------------------------------------------- main
@@ -403,157 +395,134 @@ def machine() -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        )
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"
 
 
-def count_log_rows(db: Path) -> int | str:
-    """Rows the gateway's sqlite sink wrote (read after the gateway has stopped and flushed)."""
-    if not db.exists():
-        return "no database file"
-    try:
-        with sqlite3.connect(db) as conn:
-            return int(conn.execute("SELECT count(*) FROM request_logs").fetchone()[0])
-    except sqlite3.Error as exc:
-        return f"unreadable: {exc}"
-
-
-def results_stem(args: argparse.Namespace) -> str:
-    """'latest' for the standard suite; other shapes get their own files and leave README.md alone."""
-    if args.direct_only:
-        return "direct-only"
-    parts = []
-    if args.chunks != 20:
-        parts.append(f"chunks{args.chunks}")
-    if args.delay_ms:
-        parts.append(f"paced{args.delay_ms:g}ms")
-    if getattr(args, "pipeline", "auth") != "auth":
-        parts.append(f"pipeline-{args.pipeline}")
-    return "latest-" + "-".join(parts) if parts else "latest"
+def csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short runs: whole suite under a minute")
-    p.add_argument("--direct-only", action="store_true", help="measure the mock alone, no gateway")
-    p.add_argument(
-        "--floor", action="store_true", help="also measure floor_app.py (bare Starlette + aiohttp proxy)"
-    )
-    p.add_argument("--duration", type=float, help="measured seconds per scenario (default 10, quick 2)")
-    p.add_argument("--warmup", type=float, help="warm-up seconds per scenario (default 1, quick 0.5)")
-    p.add_argument("--concurrency", default="1,16,64", help="comma-separated list (default 1,16,64)")
-    p.add_argument("--modes", default="non-stream,stream", help="comma-separated subset of non-stream,stream")
-    p.add_argument("--chunks", type=int, default=20, help="content chunks per stream (default 20)")
-    p.add_argument("--delay-ms", type=float, default=0.0, help="mock delay between stream chunks")
-    p.add_argument(
-        "--retries", type=int, default=1, help="re-runs of a scenario disturbed by other programs (default 1)"
-    )
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=30.0,
-        help="seconds to wait at start for an idle machine (default 30)",
-    )
-    p.add_argument("--pipeline", choices=sorted(PIPELINES), default="auth",
-                   help="gateway pipeline: auth (minimal, the default here), default (the gateway's default: auth, limits, "
-                        "cache, routing, credentials, fallback), classic (without limits and cache), limits (two "
-                        "policies), cache-hit (every request answered from the cache), otel (the default, "
-                        "every request traced)")
+    p.add_argument("--quick", action="store_true",
+                   help="short runs: 1 s per measurement, a 30,000-request soak, peers 1 s (about 5 minutes)")
+    p.add_argument("--scenarios", help=f"comma-separated subset of {','.join(scenarios.SCENARIOS)} "
+                   "(default: all but peers; direct is added when a gateway scenario needs its baseline)")
+    p.add_argument("--peers", action="store_true", help="also run the installed peers (LiteLLM, Portkey)")
+    p.add_argument("--floor", action="store_true", help="also measure floor_app.py (bare Starlette + aiohttp proxy)")
+    p.add_argument("--duration", type=float, help="measured seconds per closed-loop run (default 8, quick 1)")
+    p.add_argument("--warmup", type=float, help="warm-up seconds before each (default 1, quick 0.3)")
+    p.add_argument("--concurrency", help="comma-separated levels for every closed-loop run "
+                   "(default: non-stream 1,16,64,256; streams 1,16,64)")
+    p.add_argument("--modes", default="non-stream,stream", help="non-stream, stream or both (closed-loop families)")
+    p.add_argument("--chunks", type=int, default=20, help="content chunks of the unpaced streams (default 20)")
+    p.add_argument("--delay-ms", type=float, default=scenarios.PACED_DELAY_MS,
+                   help="paced scenario: ms between chunks (default 10: 100 tokens/s)")
+    p.add_argument("--paced-chunks", default=",".join(map(str, scenarios.PACED_CHUNKS)),
+                   help="paced scenario: stream lengths (default 20,200)")
+    p.add_argument("--hold", type=int, default=scenarios.HOLD_STREAMS, help="hold: streams open at once (1000)")
+    p.add_argument("--hold-chunks", type=int, default=scenarios.HOLD_CHUNKS, help="hold: chunks per stream (50)")
+    p.add_argument("--hold-delay-ms", type=float, default=scenarios.HOLD_DELAY_MS, help="hold: ms between chunks (100)")
+    p.add_argument("--hold-timeout", type=float, default=60.0, help="hold: seconds allowed per stream (60)")
+    p.add_argument("--soak", type=int, help="soak: requests (default 1,000,000; quick 30,000)")
+    p.add_argument("--soak-slices", type=int, default=10, help="soak: slices, with an RSS reading after each (10)")
+    p.add_argument("--peer-duration", type=float, help="peers: measured seconds per run (default 5, quick 1)")
+    p.add_argument("--retries", type=int, default=1, help="re-runs of a run disturbed by other programs (default 1)")
+    p.add_argument("--wait-quiet", type=float, default=30.0, help="seconds to wait at start for an idle machine")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
-    p.add_argument("--no-readme", action="store_true", help="do not refresh the table in README.md")
+    p.add_argument("--no-readme", action="store_true", help="do not refresh the results block in README.md")
     args = p.parse_args(argv)
-    args.duration = args.duration or (2.0 if args.quick else 10.0)
-    args.warmup = args.warmup or (0.5 if args.quick else 1.0)
-    args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    modes = {m.strip() for m in args.modes.split(",") if m.strip()}
-    if not modes or not modes <= {"non-stream", "stream"}:
+    args.duration = args.duration or (1.0 if args.quick else 8.0)
+    args.warmup = args.warmup or (0.3 if args.quick else 1.0)
+    args.soak = args.soak or (30_000 if args.quick else scenarios.SOAK_REQUESTS)
+    args.peer_duration = args.peer_duration or (1.0 if args.quick else 5.0)
+    args.paced_streams = 1 if args.quick else 3
+    args.levels = [int(c) for c in csv(args.concurrency)] if args.concurrency else []
+    args.modes = set(csv(args.modes))
+    args.paced_chunks = [int(c) for c in csv(args.paced_chunks)]
+    if not args.modes or not args.modes <= {"non-stream", "stream"}:
         p.error("--modes takes non-stream, stream or both")
-    args.streams = [stream for stream in (False, True) if ("stream" if stream else "non-stream") in modes]
+    chosen = set(csv(args.scenarios)) if args.scenarios else set(scenarios.DEFAULT_SCENARIOS)
+    if unknown := chosen - set(scenarios.SCENARIOS):
+        p.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(scenarios.SCENARIOS)}")
+    if args.peers:
+        chosen.add("peers")
+    if chosen & {*FAMILIES, "peers"} or args.floor:
+        chosen.add("direct")
+    args.chosen = [s for s in scenarios.SCENARIOS if s in chosen]
+    args.complete = set(scenarios.DEFAULT_SCENARIOS) <= chosen and not args.levels and len(args.modes) == 2
     return args
+
+
+def results_stem(args: argparse.Namespace) -> str:
+    """'latest' for the whole suite; --quick and subsets get their own files and leave README.md alone."""
+    if args.quick:
+        return "latest-quick"
+    if args.complete:
+        return "latest"
+    return "latest-" + "-".join(args.chosen)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if (os.cpu_count() or 1) > MOCK_CORE:
+        os.sched_setaffinity(0, {MOCK_CORE})  # this script's own sampling stays off the gateway's core
     if not loadgen.wrk_available():
-        print(
-            "wrk not found (apt-get install -y wrk): non-stream runs use stream_client.py instead",
-            file=sys.stderr,
-        )
+        print("wrk not found (apt-get install -y wrk): non-stream runs use stream_client.py", file=sys.stderr)
     busy = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else procstat.machine_busy(0.5)
     if busy > QUIET_BUSY:
         print(f"warning: the machine is busy ({busy:.0%} of a core used by other programs)", file=sys.stderr)
+    needs_redis = any(s not in ("direct", "minimal", "peers") for s in args.chosen)
+    if needs_redis and (why := flush_redis()):
+        print(f"BENCHMARK FAILED: Redis at {scenarios.REDIS_URL} is needed by the full pipeline: {why}",
+              file=sys.stderr)
+        return 2
     tmp = Path(tempfile.mkdtemp(prefix="llmrelay-bench-"))
-    token = "sk-bench-" + secrets.token_hex(16)
-    procs: list[Proc] = []
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    results: dict[str, Any] = {"scenarios": []}
+    results: dict[str, Any] = {"rows": [], "gateways": {}, "issues": [], "failed": {}, "timings_s": {}}
+    mock: Proc | None = None
+    t_all = time.perf_counter()
     try:
-        mock_port = free_port()
-        mock_cmd = [sys.executable, str(HERE / "mock_upstream.py"), "--port", str(mock_port)]
-        mock = start("mock", mock_cmd, tmp, MOCK_CORE)
-        procs.append(mock)
-        wait_http(mock, f"http://127.0.0.1:{mock_port}/health", 10)
-        direct = Target("direct", f"http://127.0.0.1:{mock_port}/v1/chat/completions", "gpt-4o-mini", None)
-        targets = [direct]
-        gateway: Proc | None = None
-        if args.floor:
-            floor, floor_base = start_floor(mock_port, tmp)
-            procs.append(floor)
-            targets.append(Target("floor", floor_base + "/api/chat/completions", "bench-model", None, floor))
-        if not args.direct_only:
-            gateway, base = start_gateway(mock_port, token, tmp, args.pipeline)
-            procs.append(gateway)
-            targets.append(Target("gateway", base + "/api/chat/completions", "bench-model", token, gateway))
-            print(f"gateway up: pid {gateway.pid} on {base}")
-            results["gateway_rss_mb"] = {"startup": procstat.sample(gateway.pid).total_rss / 2**20}
-        for t in targets:
-            for stream in (False, True):
-                body = request_body(t.model, stream, t.name == "direct", args.chunks, args.delay_ms)
-                smoke_check(t.url, body, t.token, stream)
-
-        for stream in args.streams:
-            for concurrency in args.levels:
-                for t in targets:
-                    row = measure_quietly(t, stream, concurrency, args, mock)
-                    print(describe(row), flush=True)
-                    results["scenarios"].append(row)
-        add_deltas(results["scenarios"])
-        if gateway is not None:
-            results["gateway_rss_mb"]["end"] = procstat.sample(gateway.pid).total_rss / 2**20
-            results["targets"] = report.check_targets(results["scenarios"])
-            if gateway.popen.poll() is not None:
-                raise BenchError(f"gateway died during the run:\n{gateway.stderr_tail()}")
+        mock, mock_port = start_mock(tmp)
+        r = Run(args, tmp, "sk-bench-" + secrets.token_hex(16), secrets.token_hex(4), mock, mock_port, results)
+        for fmt in ("openai", "anthropic"):
+            for shape in (NON_STREAM, Shape(True, args.chunks)):
+                smoke_check(r.direct(fmt), shape, r.direct(fmt).body(shape))
+        for name in args.chosen:
+            t0 = time.perf_counter()
+            print(f"--- {name}", flush=True)
+            r.current = name
+            try:
+                RUNNERS[name](r)
+                if name == "direct" and args.floor:
+                    run_floor(r)
+            except (BenchError, RuntimeError) as exc:  # one scenario failed: report it, run the others
+                results["failed"][name] = str(exc)
+                r.issue(f"scenario {name} FAILED: {exc} (reproduce: benchmarks/run.py --scenarios {name} "
+                        f"--duration 1; process logs in {tmp})")
+                if mock.popen.poll() is not None:
+                    raise BenchError(f"the mock died:\n{mock.stderr_tail()}") from exc
+            results["timings_s"][name] = time.perf_counter() - t0
     except BenchError as exc:
-        print(f"\nBENCHMARK FAILED: {exc}\n(config and process logs kept in {tmp})", file=sys.stderr)
+        print(f"\nBENCHMARK FAILED: {exc}\n(configs and process logs kept in {tmp})", file=sys.stderr)
         return 2
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        if mock is not None:
+            mock.stop()
+    results["timings_s"]["total"] = time.perf_counter() - t_all
 
-    if not args.direct_only:
-        rows = count_log_rows(tmp / "logs.db")
-        sent = sum(
-            r["requests"] + r["errors"] + r["warmup_requests"]
-            for r in results["scenarios"]
-            if r["target"] == "gateway"
-        )
-        sent += 2  # the smoke checks
-        results["gateway_log"] = {"sqlite_rows": rows, "requests_sent": sent}
-        if not isinstance(rows, int) or rows < sent:
-            print(f"warning: the gateway logged {rows} rows for {sent} requests sent", file=sys.stderr)
-
+    report.add_deltas(results["rows"])
+    results["targets"] = report.check_targets(results)
     results["meta"] = {
         "started": started,
         "command": " ".join(["benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(),
-        "gateway": "not run (--direct-only)" if args.direct_only
-        else f"llmrelay serve --workers 1 (granian), pipeline {PIPELINES[args.pipeline]}",
         "commit": git_commit(),
+        "scenarios": args.chosen,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "chunks": args.chunks,
@@ -561,15 +530,21 @@ def main(argv: list[str] | None = None) -> int:
         "gateway_core": GATEWAY_CORE,
         "mock_core": MOCK_CORE,
         "nonstream_client": "wrk -t1" if loadgen.wrk_available() else "stream_client.py",
+        "pipelines": {name: {"stages": p.stages, "redis": p.redis, "about": p.about} for name, p in PIPELINES.items()},
+        "redis": scenarios.REDIS_URL,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = results_stem(args)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     report.write_markdown(args.out / f"{stem}.md", results)
     print("\n" + report.render(results))
-    if not args.no_readme and stem == "latest" and report.update_readme(HERE / "README.md", results):
+    if results["failed"]:
+        print(f"scenarios failed: {', '.join(results['failed'])} (process logs kept in {tmp})", file=sys.stderr)
+    elif not args.no_readme and stem == "latest" and report.update_readme(HERE / "README.md", results):
         print("README.md results block updated")
     print(f"wrote {args.out / (stem + '.md')} and {args.out / (stem + '.json')}")
+    if results["failed"]:
+        return 2
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
