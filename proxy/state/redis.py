@@ -4,7 +4,9 @@ Every command submitted during one turn of the event loop goes out in a single w
 replies come back in order on the same connection: with many requests in flight, the limit
 reservations, cache lookups and finish-time writes of all of them share round trips. hiredis
 packs commands and parses replies in C. A write nobody waits for (a cache store, a limit
-reconciliation) is submitted without a task: its future carries the outcome.
+reconciliation) is submitted without a task: its future carries the outcome (an error nobody
+looks at is not logged). Commands submitted while the connection is being opened wait for it,
+in order, and go out before anything submitted once it is up.
 
 Errors are RedisError: an error reply, a lost connection, or replies late by more than the
 timeout (the connection is then dropped: a server that stopped answering is not trusted with
@@ -55,6 +57,7 @@ class _Connection(asyncio.Protocol):
         self.watchdog: asyncio.TimerHandle | None = None
         self.scripts: set[str] = set()  # SHA1s loaded on this connection
         self.lost: str | None = None
+        self.backlog: list[tuple[bytes, asyncio.Future[Any]]] = []  # submitted while it connects
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -80,18 +83,19 @@ class _Connection(asyncio.Protocol):
             if isinstance(reply, hiredis.ReplyError):
                 if str(reply).startswith("NOSCRIPT"):
                     self.scripts.clear()  # flushed behind our back: load again on next use
-                waiter.set_exception(RedisError(str(reply)))
+                _fail(waiter, str(reply))
             else:
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(f"Redis closed the connection ({type(exc).__name__})" if exc else "Redis closed the connection")
 
-    def send(self, command: bytes) -> asyncio.Future[Any]:
-        waiter = self.loop.create_future()
+    def send(self, command: bytes, waiter: asyncio.Future[Any] | None = None) -> asyncio.Future[Any]:
+        """Queue `command` for this loop turn's write; `waiter` (or a new future) gets its reply."""
+        if waiter is None:
+            waiter = self.loop.create_future()
         if self.lost is not None:
-            waiter.set_exception(RedisError(self.lost))
-            return waiter
+            return _fail(waiter, self.lost)
         self.outgoing.append(command)
         self.waiting.append((waiter, time.monotonic()))
         if not self.flush_scheduled:
@@ -132,9 +136,7 @@ class _Connection(asyncio.Protocol):
             self.watchdog.cancel()
             self.watchdog = None
         while self.waiting:
-            waiter = self.waiting.popleft()[0]
-            if not waiter.done():
-                waiter.set_exception(RedisError(reason))
+            _fail(self.waiting.popleft()[0], reason)
 
 
 class RedisClient:
@@ -156,7 +158,8 @@ class RedisClient:
         self.where = self.socket_path or f"{self.host}:{self.port}"
         self.timeout = timeout
         self._connection: _Connection | None = None
-        self._connecting: asyncio.Task[_Connection] | None = None
+        self._opening: _Connection | None = None  # being connected: what is submitted meanwhile waits in it
+        self._connecting: asyncio.Task[None] | None = None
         self._down_until = 0.0
         self._down_reason = ""
 
@@ -172,16 +175,17 @@ class RedisClient:
         connection = self._connection
         if connection is not None and connection.lost is None and connection.loop is asyncio.get_running_loop():
             return connection.send(hiredis.pack_command(args))
-        return asyncio.ensure_future(self._send_connected(args))
+        return self._send_connected(hiredis.pack_command(args))
 
     def submit_script(self, script: Script, keys: list[str], args: list[Arg]) -> asyncio.Future[Any]:
         """EVALSHA `script`, loading it first (in the same write) on a connection that lacks it.
         Should the server have dropped its scripts meanwhile (SCRIPT FLUSH), it runs once more."""
         connection = self._connection
-        if connection is not None and connection.lost is None and script.sha not in connection.scripts \
-                and connection.loop is asyncio.get_running_loop():
+        if connection is None or connection.lost is not None or connection.loop is not asyncio.get_running_loop():
+            connection = self._connect()  # the one its commands will go out on (None: failing fast)
+        if connection is not None and script.sha not in connection.scripts:
             connection.scripts.add(script.sha)
-            connection.send(hiredis.pack_command(("SCRIPT", "LOAD", script.source))).add_done_callback(_consume)
+            self.submit("SCRIPT", "LOAD", script.source).add_done_callback(_consume)
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         first = self.submit(*command)
         result = first.get_loop().create_future()
@@ -196,36 +200,42 @@ class RedisClient:
             elif done is first and str(exc).startswith("NOSCRIPT"):
                 self.submit("EVAL", script.source, *command[2:]).add_done_callback(settle)
             else:
-                result.set_exception(exc)
+                _fail(result, str(exc))
 
         first.add_done_callback(settle)
         return result
 
-    async def _send_connected(self, args: tuple[Arg, ...]) -> Any:
-        connection = await self._connect()
-        return await connection.send(hiredis.pack_command(args))
+    def _send_connected(self, command: bytes) -> asyncio.Future[Any]:
+        """No usable connection: the command waits in the backlog of the one being opened, which sends
+        it (in order, in one write) before anything submitted once it is up can overtake it."""
+        connection = self._connect()
+        if connection is None:
+            return _fail(asyncio.get_running_loop().create_future(), self._down_reason)
+        waiter = connection.loop.create_future()
+        connection.backlog.append((command, waiter))
+        return waiter
 
-    async def _connect(self) -> _Connection:
-        if time.monotonic() < self._down_until:
-            raise RedisError(self._down_reason)
+    def _connect(self) -> _Connection | None:
+        """The connection being opened on this loop, opening one if need be (None: failing fast)."""
         loop = asyncio.get_running_loop()
-        connecting = self._connecting
-        if connecting is None or connecting.done() or connecting.get_loop() is not loop:
-            connecting = self._connecting = loop.create_task(self._open())
-        return await asyncio.shield(connecting)
+        opening = self._opening
+        if opening is None or opening.loop is not loop:
+            if time.monotonic() < self._down_until:
+                return None
+            opening = self._opening = _Connection(loop, self.timeout)
+            self._connecting = loop.create_task(self._open(opening))
+        return opening
 
-    async def _open(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        connection: _Connection | None = None
+    async def _open(self, connection: _Connection) -> None:
+        """Connect, send AUTH and SELECT, then the backlog; or fail the backlog."""
+        loop = connection.loop
         try:
             async with asyncio.timeout(self.timeout):
                 if self.socket_path is not None:
-                    _, connection = await loop.create_unix_connection(
-                        lambda: _Connection(loop, self.timeout), self.socket_path)
+                    await loop.create_unix_connection(lambda: connection, self.socket_path)
                 else:
-                    _, connection = await loop.create_connection(
-                        lambda: _Connection(loop, self.timeout), self.host, self.port,
-                        ssl=ssl.create_default_context() if self.tls else None)
+                    await loop.create_connection(lambda: connection, self.host, self.port,
+                                                 ssl=ssl.create_default_context() if self.tls else None)
                 setup = []
                 if self.password is not None:
                     auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
@@ -235,26 +245,44 @@ class RedisClient:
                 for waiter in setup:
                     await waiter
         except BaseException as exc:
-            if connection is not None:
-                connection.abort("the connection setup failed")
+            if self._opening is connection:
+                self._opening = None
             if isinstance(exc, TimeoutError):
                 reason = f"no connection to Redis at {self.where} within {self.timeout:g} s"
             elif isinstance(exc, OSError):
                 reason = f"cannot connect to Redis at {self.where}: {exc.strerror or type(exc).__name__}"
             elif isinstance(exc, RedisError):  # AUTH or SELECT refused: say which, never the password
                 reason = f"Redis at {self.where} refused the connection setup: {exc}"
-            else:
+            else:  # cancelled (its loop is ending: the cancellation goes on), or unforeseen
+                reason = f"no connection to Redis at {self.where} ({type(exc).__name__})"
+            connection.abort(reason)
+            for _, waiter in connection.backlog:  # nothing waits for ever on a connection that never came
+                _fail(waiter, reason)
+            if not isinstance(exc, Exception):
                 raise
             self._down_until = time.monotonic() + RETRY_CONNECT_AFTER
             self._down_reason = reason
-            raise RedisError(reason) from None
+            return
+        if self._opening is connection:
+            self._opening = None
         self._connection = connection
-        return connection
+        backlog, connection.backlog = connection.backlog, []
+        for command, waiter in backlog:
+            connection.send(command, waiter)
 
     async def close(self) -> None:
         if self._connection is not None:
             self._connection.abort("the client was closed")
             self._connection = None
+
+
+def _fail(waiter: asyncio.Future[Any], reason: str) -> asyncio.Future[Any]:
+    """Fail a command's future, marked as looked at: a write nobody waits for (its future dropped)
+    fails quietly instead of the loop logging "Future exception was never retrieved"."""
+    if not waiter.done():
+        waiter.set_exception(RedisError(reason))
+        waiter.exception()
+    return waiter
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
