@@ -43,6 +43,9 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
+Rerun = tuple[Script, tuple[Arg, ...]] | None  # a script call, sent again with EVAL on NOSCRIPT
+
+
 class _Connection(asyncio.Protocol):
     """One connection: replies are matched to waiting commands in the order they were sent."""
 
@@ -51,13 +54,14 @@ class _Connection(asyncio.Protocol):
         self.timeout = timeout
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
-        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        # (waiter, when sent, the script call to run with EVAL should the server answer NOSCRIPT)
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float, Rerun]] = collections.deque()
         self.outgoing: list[bytes] = []
         self.flush_scheduled = False
         self.watchdog: asyncio.TimerHandle | None = None
         self.scripts: set[str] = set()  # SHA1s loaded on this connection
         self.lost: str | None = None
-        self.backlog: list[tuple[bytes, asyncio.Future[Any]]] = []  # submitted while it connects
+        self.backlog: list[tuple[bytes, asyncio.Future[Any], Rerun]] = []  # submitted while it connects
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -77,12 +81,16 @@ class _Connection(asyncio.Protocol):
             if not waiting:  # a reply nobody asked for: the stream is out of step
                 self.abort("Redis sent a reply nobody asked for")
                 return
-            waiter = waiting.popleft()[0]
+            waiter, _, rerun = waiting.popleft()
             if waiter.done():
                 continue  # its caller gave up (cancelled)
             if isinstance(reply, hiredis.ReplyError):
-                if str(reply).startswith("NOSCRIPT"):
-                    self.scripts.clear()  # flushed behind our back: load again on next use
+                if str(reply).startswith("NOSCRIPT"):  # flushed behind our back (SCRIPT FLUSH)
+                    self.scripts.clear()  # loaded again on next use; this call runs with EVAL
+                    if rerun is not None:
+                        script, command = rerun
+                        self.send(hiredis.pack_command(("EVAL", script.source, *command[2:])), waiter)
+                        continue
                 _fail(waiter, str(reply))
             else:
                 waiter.set_result(reply)
@@ -90,14 +98,15 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(f"Redis closed the connection ({type(exc).__name__})" if exc else "Redis closed the connection")
 
-    def send(self, command: bytes, waiter: asyncio.Future[Any] | None = None) -> asyncio.Future[Any]:
+    def send(self, command: bytes, waiter: asyncio.Future[Any] | None = None,
+             rerun: Rerun = None) -> asyncio.Future[Any]:
         """Queue `command` for this loop turn's write; `waiter` (or a new future) gets its reply."""
         if waiter is None:
             waiter = self.loop.create_future()
         if self.lost is not None:
             return _fail(waiter, self.lost)
         self.outgoing.append(command)
-        self.waiting.append((waiter, time.monotonic()))
+        self.waiting.append((waiter, time.monotonic(), rerun))
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
@@ -172,10 +181,13 @@ class RedisClient:
 
     def submit(self, *args: Arg) -> asyncio.Future[Any]:
         """Send one command with this loop turn's others; the future gets its reply (or RedisError)."""
+        return self._submit(args, None)
+
+    def _submit(self, args: tuple[Arg, ...], rerun: Rerun) -> asyncio.Future[Any]:
         connection = self._connection
         if connection is not None and connection.lost is None and connection.loop is asyncio.get_running_loop():
-            return connection.send(hiredis.pack_command(args))
-        return self._send_connected(hiredis.pack_command(args))
+            return connection.send(hiredis.pack_command(args), None, rerun)
+        return self._send_connected(hiredis.pack_command(args), rerun)
 
     def submit_script(self, script: Script, keys: list[str], args: list[Arg]) -> asyncio.Future[Any]:
         """EVALSHA `script`, loading it first (in the same write) on a connection that lacks it.
@@ -187,32 +199,16 @@ class RedisClient:
             connection.scripts.add(script.sha)
             self.submit("SCRIPT", "LOAD", script.source).add_done_callback(_consume)
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        first = self.submit(*command)
-        result = first.get_loop().create_future()
+        return self._submit(command, (script, command))  # one future: a NOSCRIPT rerun answers it too
 
-        def settle(done: asyncio.Future[Any]) -> None:
-            if result.done():
-                return
-            if done.cancelled():
-                result.cancel()
-            elif (exc := done.exception()) is None:
-                result.set_result(done.result())
-            elif done is first and str(exc).startswith("NOSCRIPT"):
-                self.submit("EVAL", script.source, *command[2:]).add_done_callback(settle)
-            else:
-                _fail(result, str(exc))
-
-        first.add_done_callback(settle)
-        return result
-
-    def _send_connected(self, command: bytes) -> asyncio.Future[Any]:
+    def _send_connected(self, command: bytes, rerun: Rerun = None) -> asyncio.Future[Any]:
         """No usable connection: the command waits in the backlog of the one being opened, which sends
         it (in order, in one write) before anything submitted once it is up can overtake it."""
         connection = self._connect()
         if connection is None:
             return _fail(asyncio.get_running_loop().create_future(), self._down_reason)
         waiter = connection.loop.create_future()
-        connection.backlog.append((command, waiter))
+        connection.backlog.append((command, waiter, rerun))
         return waiter
 
     def _connect(self) -> _Connection | None:
@@ -256,7 +252,7 @@ class RedisClient:
             else:  # cancelled (its loop is ending: the cancellation goes on), or unforeseen
                 reason = f"no connection to Redis at {self.where} ({type(exc).__name__})"
             connection.abort(reason)
-            for _, waiter in connection.backlog:  # nothing waits for ever on a connection that never came
+            for _, waiter, _ in connection.backlog:  # nothing waits for ever on a connection that never came
                 _fail(waiter, reason)
             if not isinstance(exc, Exception):
                 raise
@@ -267,8 +263,8 @@ class RedisClient:
             self._opening = None
         self._connection = connection
         backlog, connection.backlog = connection.backlog, []
-        for command, waiter in backlog:
-            connection.send(command, waiter)
+        for command, waiter, rerun in backlog:
+            connection.send(command, waiter, rerun)
 
     async def close(self) -> None:
         if self._connection is not None:
