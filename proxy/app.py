@@ -23,7 +23,8 @@ from proxy.gateway import Gateway
 from proxy.metrics import Metrics
 from proxy.settings import Settings, load_settings
 
-CONFIG_ENV = "LLMRELAY_CONFIG"  # the CLI passes the config path to granian workers through this
+CONFIG_ENV = "LLMRELAY_CONFIG"
+GC_THRESHOLDS = (50_000, 20, 100)  # the CLI passes the config path to granian workers through this
 
 
 class App:
@@ -60,6 +61,11 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
         # process: keep it out of the garbage collector's full passes, which otherwise rescan it
         # every few hundred requests.
         gc.freeze()
+        # A request allocates hundreds of objects, nearly all freed by reference counting: at the
+        # default threshold (700) the collector ran every request or two, and with many requests
+        # in flight each pass walked all of their live objects. Median CPU per request over three
+        # alternating runs, full pipeline: c=16 409 -> 353 us, c=64 354 -> 309 us.
+        gc.set_threshold(GC_THRESHOLDS[0], GC_THRESHOLDS[1], GC_THRESHOLDS[2])
         try:
             yield
         finally:
