@@ -13,6 +13,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.logs.sinks.sqlite import read_records
+from proxy.metrics import FLUSH_INTERVAL
 from tests.conftest import KEY, UPSTREAM_KEY, GatewayProcess
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -185,6 +186,8 @@ def test_two_workers_share_their_counts(start_gateway, mock):
     deadline = time.monotonic() + 15  # generous: the log writers of both workers, on a loaded machine
     while scrape(gw).get("llmrelay_log_records_written_total") < 40 and time.monotonic() < deadline:
         time.sleep(0.05)
+    # each worker applies its request metrics to the shared files every FLUSH_INTERVAL (0.5 s)
+    time.sleep(FLUSH_INTERVAL + 0.5)
     for _ in range(8):  # whichever worker answers, it reports the sum over both
         m = scrape(gw)
         assert m.get("llmrelay_requests_total") == 20
