@@ -413,7 +413,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scenarios", help=f"comma-separated subset of {','.join(scenarios.SCENARIOS)} "
                    "(default: all but peers; direct is added when a gateway scenario needs its baseline)")
     p.add_argument("--peers", action="store_true", help="also run the installed peers (LiteLLM, Portkey)")
-    p.add_argument("--floor", action="store_true", help="also measure floor_app.py (bare Starlette + aiohttp proxy)")
+    p.add_argument("--floor", action="store_true", help="also measure floor_app.py (plain ASGI + the gateway's upstream client: the stack's least)")
     p.add_argument("--duration", type=float, help="measured seconds per closed-loop run (default 8, quick 1)")
     p.add_argument("--warmup", type=float, help="warm-up seconds before each (default 1, quick 0.3)")
     p.add_argument("--concurrency", help="comma-separated levels for every closed-loop run "

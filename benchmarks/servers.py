@@ -175,7 +175,8 @@ def start_floor(mock_port: int, tmp: Path) -> tuple[Proc, str]:
     tmp.mkdir(parents=True, exist_ok=True)
     granian = Path(sys.executable).parent / "granian"
     port = free_port()
-    cmd = [str(granian), "--interface", "asgi", "--loop", "uvloop", "--workers", "1", "--host", "127.0.0.1"]
+    cmd = [str(granian), "--interface", "asgi", "--loop", "uvloop", "--runtime-mode", "st", "--workers", "1",
+           "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--no-access-log", "--working-dir", str(HERE), "floor_app:app"]
     env = {"BENCH_FLOOR_UPSTREAM": f"http://127.0.0.1:{mock_port}/v1/chat/completions"}
     return serve("floor", cmd, port, tmp, env)
