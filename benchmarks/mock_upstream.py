@@ -54,13 +54,13 @@ import argparse
 import asyncio
 import os
 import re
-import resource
 import signal
 from collections.abc import Callable
 from functools import lru_cache
 from typing import cast
 
 import orjson
+from procstat import raise_open_files_limit
 
 DEFAULT_CHUNKS = 20
 MAX_CHUNKS = 10_000
@@ -506,19 +506,6 @@ class MockProtocol(asyncio.Protocol):
 
 
 # --------------------------------------------------------------------------- entry point
-
-
-def raise_open_files_limit() -> int:
-    """Raise the soft limit on open files to the hard limit (thousands of sockets); the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):
-        return soft
-    return target
 
 
 async def serve(host: str, port: int, ready: Callable[[int], None] | None = None) -> None:

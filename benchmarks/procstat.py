@@ -12,6 +12,7 @@ per-thread sum). RSS is ``VmRSS`` from ``/proc/<pid>/status``.
 from __future__ import annotations
 
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 
@@ -141,3 +142,16 @@ def machine_busy(seconds: float = 1.0) -> float:
     before = system_sample()
     time.sleep(seconds)
     return (system_sample().busy_s - before.busy_s) / seconds
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard limit (thousands of sockets); the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target

@@ -68,6 +68,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import orjson
+from procstat import raise_open_files_limit
 
 _HEAD, _BODY_LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER = range(5)
 DONE_MARKER = b"data: [DONE]"
@@ -583,19 +584,6 @@ def stream_check(url: str, body: bytes, end_marker: str | None = None, expect_ev
     else:
         marker = DONE_MARKER
     return StreamCheck(stream, marker, expect_events)
-
-
-def raise_open_files_limit() -> int:
-    """Raise the soft limit on open files to the hard limit (thousands of sockets); the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):
-        return soft
-    return target
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ a Redis SCAN over the namespace.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import time
 from collections.abc import AsyncIterator
@@ -54,7 +55,32 @@ class KeepObjects(BaseSerializer):
         return value
 
 
-class MemoryStore:
+class _Listing(abc.ABC):
+    """What both stores build on their own ids(), get() and delete()."""
+
+    @abc.abstractmethod
+    def ids(self) -> AsyncIterator[str]: ...
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> Entry | None: ...
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool: ...
+
+    async def clear(self) -> int:
+        count = 0
+        async for key in self.ids():
+            count += await self.delete(key)
+        return count
+
+    async def entries(self) -> AsyncIterator[tuple[str, Entry]]:
+        async for key in self.ids():
+            entry = await self.get(key)
+            if entry is not None:
+                yield key, entry
+
+
+class MemoryStore(_Listing):
     """This process's cache: aiocache's memory backend, holding Entry objects (a hit decodes nothing)."""
 
     backend = "memory"
@@ -96,18 +122,11 @@ class MemoryStore:
         for key in list(self.cache._cache):
             yield key[len(prefix):]
 
-    async def clear(self) -> int:
-        return await clear(self)
-
-    async def entries(self) -> AsyncIterator[tuple[str, Entry]]:
-        async for item in entries(self):
-            yield item
-
     async def close(self) -> None:
         await self.cache.close()
 
 
-class RedisStore:
+class RedisStore(_Listing):
     """Entries shared by every worker and replica: msgpack under NAMESPACE + key, with a TTL
     (PSETEX: sub-second TTLs are kept, so 1.9 s is not cut to 1 s). Redis's own maxmemory policy
     bounds it. Commands go through the gateway's auto-pipelined RedisClient."""
@@ -147,29 +166,8 @@ class RedisStore:
             if cursor in (b"0", 0):
                 return
 
-    async def clear(self) -> int:
-        return await clear(self)
-
-    async def entries(self) -> AsyncIterator[tuple[str, Entry]]:
-        async for item in entries(self):
-            yield item
-
     async def close(self) -> None:
         return None  # the connection belongs to the gateway's RedisClients
 
 
 CacheStore = MemoryStore | RedisStore
-
-
-async def clear(store: CacheStore) -> int:
-    count = 0
-    async for key in store.ids():
-        count += await store.delete(key)
-    return count
-
-
-async def entries(store: CacheStore) -> AsyncIterator[tuple[str, Entry]]:
-    async for key in store.ids():
-        entry = await store.get(key)
-        if entry is not None:
-            yield key, entry
