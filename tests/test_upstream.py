@@ -12,7 +12,6 @@ import gzip
 import random
 import socket
 import struct
-import sys
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -634,10 +633,7 @@ def test_request_line_and_host_header(run: Run, url: str, line: bytes, host: byt
 
 
 def test_host_header_of_an_ipv6_origin(run: Run) -> None:
-    try:
-        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
-    except OSError:
-        pytest.skip("no IPv6 loopback")
+    # a machine without an IPv6 loopback fails here rather than skipping: the gateway's machines have one
 
     async def main() -> None:
         async with Origin(always(response()), host="::1") as origin:
@@ -666,7 +662,6 @@ def test_caller_host_header_replaces_the_default(run: Run) -> None:
 # -- timeouts -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="relies on Linux dropping SYNs to a full accept queue")
 def test_connect_timeout(run: Run) -> None:
     """A listening socket whose accept queue is full: Linux drops the SYNs, so connecting hangs."""
     with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
