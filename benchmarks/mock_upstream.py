@@ -224,6 +224,11 @@ def _plan(events: list[bytes], delays: list[float]) -> Plan:
     return tuple(writes), tuple(delays), b"".join(writes)
 
 
+def _wants_usage(payload: dict) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
 @lru_cache(maxsize=256)
 def openai_plan(model: str, n: int, include_usage: bool, delay: float) -> Plan:
     """A chat stream: the first event at once, then ``delay`` before each further one."""
@@ -429,30 +434,26 @@ class MockProtocol(asyncio.Protocol):
             self._finish(_error(404, f"no route for {method} {path}", close), close)
 
     def _chat(self, body: bytes, close: bool) -> None:
-        payload = _json_object(body)
-        if isinstance(payload, str):
-            self._finish(_error(400, payload, close), close)
-            return
-        model = _model(payload)
-        if payload.get("stream") is not True:
-            self._finish(_json_response(200, completion_body(model), close), close)
-            return
-        options = payload.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        n, delay = stream_shape(payload)
-        self._stream(openai_plan(model, n, include_usage, delay), delay, close)
+        self._answer(body, close, _error, completion_body, lambda payload, model, n, delay: openai_plan(
+            model, n, _wants_usage(payload), delay))
 
     def _messages(self, body: bytes, close: bool) -> None:
+        self._answer(body, close, _anthropic_error, message_body,
+                     lambda payload, model, n, delay: anthropic_plan(model, n, delay))
+
+    def _answer(self, body: bytes, close: bool, error: Callable[[int, str, bool], bytes],
+                whole: Callable[[str], bytes], plan: Callable[[dict, str, int, float], Plan]) -> None:
+        """One API's answer: its error shape for a bad body, its whole answer, or its stream."""
         payload = _json_object(body)
         if isinstance(payload, str):
-            self._finish(_anthropic_error(400, payload, close), close)
+            self._finish(error(400, payload, close), close)
             return
         model = _model(payload)
         if payload.get("stream") is not True:
-            self._finish(_json_response(200, message_body(model), close), close)
+            self._finish(_json_response(200, whole(model), close), close)
             return
         n, delay = stream_shape(payload)
-        self._stream(anthropic_plan(model, n, delay), delay, close)
+        self._stream(plan(payload, model, n, delay), delay, close)
 
     def _stream(self, plan: Plan, delay: float, close: bool) -> None:
         if delay <= 0:
