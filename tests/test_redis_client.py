@@ -636,8 +636,12 @@ def test_url_forms() -> None:
                                                                                "/run/redis.sock")
     client = RedisClient("redis://")
     assert (client.host, client.port, client.db, client.password) == ("127.0.0.1", 6379, 0, None)
+    assert RedisClient("redis://127.0.0.1:6379?db=3").db == 3  # redis-py's query form
+    assert RedisClient("redis://127.0.0.1:6379/5?db=3").db == 5  # the path wins
     with pytest.raises(ValueError, match="redis://, rediss:// or unix://"):
         RedisClient("http://127.0.0.1:6379")
+    with pytest.raises(ValueError, match="database is a number, got 'x'"):
+        RedisClient("redis://127.0.0.1:6379/x")
 
 
 # -- futures nobody awaits --------------------------------------------------------------------------

@@ -162,7 +162,10 @@ class RedisClient:
         self.tls = parts.scheme == "rediss"
         self.username = unquote(parts.username) if parts.username else None
         self.password = unquote(parts.password) if parts.password else (query.get("password") or [None])[0]
-        db = parts.path.strip("/") if self.socket_path is None else (query.get("db") or [""])[0]
+        # the path selects the database (redis://host/2); ?db=2 as well, as redis-py reads it
+        db = (parts.path.strip("/") if self.socket_path is None else "") or (query.get("db") or [""])[0]
+        if db and not db.isdigit():
+            raise ValueError(f"a Redis URL's database is a number, got {db!r}")
         self.db = int(db) if db else 0
         self.where = self.socket_path or f"{self.host}:{self.port}"
         self.timeout = timeout
