@@ -960,3 +960,23 @@ def test_memory_store_evicts_the_oldest_only_for_new_keys():
         assert sorted([k async for k in store.ids()]) == ["a", "c"]
 
     asyncio.run(run())
+
+
+def test_redis_store_lists_a_key_once_when_scan_returns_it_twice():
+    """SCAN may return a key again when Redis rehashes the keyspace between calls."""
+    import asyncio
+
+    from plugins.cache.store import NAMESPACE, RedisStore
+
+    class Rehashing:  # what the store calls on its RedisClient; the pages as a rehash gives them
+        pages = {0: (b"7", [b"a", b"b"]), b"7": (b"9", [b"b", b"c"]), b"9": (b"0", [b"a"])}
+
+        async def execute(self, *args: object) -> object:
+            assert args[0] == "SCAN" and args[2:4] == ("MATCH", NAMESPACE + "*")
+            cursor, keys = self.pages[args[1]]
+            return cursor, [NAMESPACE.encode() + k for k in keys]
+
+    async def listing() -> list[str]:
+        return [k async for k in RedisStore(Rehashing()).ids()]  # type: ignore[arg-type]
+
+    assert asyncio.run(listing()) == ["a", "b", "c"]

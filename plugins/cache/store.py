@@ -157,12 +157,16 @@ class RedisStore(_Listing):
         return bool(await self.redis.execute("DEL", NAMESPACE + key))
 
     async def ids(self) -> AsyncIterator[str]:
-        """Every stored key, without the namespace (a SCAN: never blocks Redis)."""
+        """Every stored key, without the namespace, once (a SCAN: never blocks Redis, but may return
+        a key twice when the keyspace is rehashed meanwhile)."""
         cursor: bytes | int = 0
+        seen: set[bytes] = set()
         while True:
             cursor, keys = await self.redis.execute("SCAN", cursor, "MATCH", NAMESPACE + "*", "COUNT", 500)
             for raw in keys:
-                yield raw.decode()[len(NAMESPACE):]
+                if raw not in seen:
+                    seen.add(raw)
+                    yield raw.decode()[len(NAMESPACE):]
             if cursor in (b"0", 0):
                 return
 
