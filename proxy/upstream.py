@@ -39,6 +39,10 @@ class UpstreamStreamError(Exception):
     """The provider's stream broke after its first byte (reset, stall, truncation)."""
 
 
+class _Unsolicited(Exception):
+    """Raised inside the parser to stop it at bytes that follow a whole answer."""
+
+
 class _Broken(Exception):
     """The connection failed; `before_answer`: no byte of the answer had arrived."""
 
@@ -103,6 +107,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.has_head = False
+        self.informational = False
         self.keep_alive = False
         self.complete = False
         self.got_bytes = False
@@ -120,11 +125,24 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        if self.complete:  # bytes after the whole answer: nothing asked for them
+            self._unsolicited()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            if self.complete:  # on_message_begin stopped the parser at bytes after the answer
+                self._unsolicited()
+                return
             self._fail(f"sent an invalid HTTP answer ({exc})")
             self.abort()
+
+    def _unsolicited(self) -> None:
+        """The answer is whole and stays readable; the connection is never reused (what came after
+        it would be taken for the start of the next request's answer)."""
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -135,11 +153,20 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _Unsolicited  # stops feed_data: data_received leaves the rest unread
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (100 Continue, 103 Early Hints): the final one follows
+            self.raw_headers = []
+            self.informational = True
+            return
+        self.status = status
         names = {name.lower() for name, _ in self.raw_headers}
         self.until_close = b"content-length" not in names and b"transfer-encoding" not in names
         self.keep_alive = self.parser.should_keep_alive()  # read here: llhttp resets it once the message completes
@@ -155,6 +182,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
         self.complete = True
         self._wake()
 

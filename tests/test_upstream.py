@@ -242,6 +242,54 @@ def test_answer_that_does_not_keep_alive_is_not_reused(run: Run, answer: bytes) 
     run(main())
 
 
+@pytest.mark.parametrize("interim", [
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n",
+], ids=["100", "103", "100-then-102"])
+def test_interim_answers_are_skipped_for_the_final_one(run: Run, interim: bytes) -> None:
+    async def main() -> None:
+        async with Origin(always(interim + response(b"final", "X-Final: yes"))) as origin:
+            for _ in range(2):  # and the connection is reused afterwards
+                answer = await post(origin)
+                assert (answer.status, answer.headers.get("x-final"), "link" in answer.headers) == (200, "yes", False)
+                assert await answer.read() == b"final"
+            assert origin.accepted == 1
+
+    run(main())
+
+
+def test_bytes_after_the_answer_are_not_taken_for_the_next_one(run: Run) -> None:
+    """A server that sends a second answer nobody asked for, in the same write as the first: the first
+    is read whole and the connection is dropped, so the next request cannot read the stray one."""
+
+    async def main() -> None:
+        stray = response(b"stray")
+        async with Origin(always(response(b"first") + stray)) as origin:
+            assert await fetch(origin) == (200, b"first")
+            assert await fetch(origin) == (200, b"first")
+            assert origin.accepted == 2
+
+    run(main())
+
+
+def test_bytes_after_the_answer_in_a_later_write_are_not_taken_for_the_next_one(run: Run) -> None:
+    async def handler(request: Request) -> None:
+        await request.peer.send(response(b"first"))
+        await asyncio.sleep(0.05)
+        await request.peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+
+    async def main() -> None:
+        async with Origin(handler) as origin:
+            answer = await post(origin)
+            await asyncio.sleep(0.1)  # the stray bytes arrive before the answer is read
+            assert await answer.read() == b"first"
+            assert await fetch(origin) == (200, b"first")
+            assert origin.accepted == 2
+
+    run(main())
+
+
 def test_idle_connections_expire(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.0)
 
