@@ -351,13 +351,15 @@ def test_prometheus_config_scrapes_llmrelay_and_loads_the_rules():
     job = jobs["llmrelay"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert re.fullmatch(DURATION, job.get("scrape_interval", config["global"]["scrape_interval"]))
-    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
-    assert targets and all(re.fullmatch(r"[\w.-]+:\d+", t) for t in targets)
-    # the DNS service discovery example for several replicas stays a comment, and stays valid YAML
+    # every replica, found by DNS (tests/test_deploy_files.py checks the names against compose)
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] and all(re.fullmatch(r"[\w.-]+", n) for n in sd["names"]) and sd["port"] > 0
+    # the static example for a single gateway stays a comment, and stays valid YAML
     commented = "\n".join(line.split("#", 1)[1][1:] for line in PROMETHEUS.read_text().splitlines()
                           if line.lstrip().startswith("# ") and line.startswith("  #"))
     example = yaml.safe_load(commented[commented.index("- job_name: llmrelay"):])
-    assert example[0]["dns_sd_configs"][0]["names"]
+    targets = [t for sc in example[0]["static_configs"] for t in sc["targets"]]
+    assert targets and all(re.fullmatch(r"[\w.-]+:\d+", t) for t in targets)
 
 
 def test_rules_file_has_the_prometheus_structure():
