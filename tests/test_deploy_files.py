@@ -15,8 +15,8 @@ Real validators, installed by the test extras (pyproject.toml) or present on the
 
 Our own checks, where no tool covers it: the Dockerfile's conventions (multi-stage, non-root
 numeric USER, no build tools or pip installs in the final stage, HEALTHCHECK on a route the gateway
-serves), the ServiceMonitor (a minimal schema in tests/schemas/: no installable package carries the
-Prometheus Operator's CRD as a JSON schema), and the consistency between files: ports, probe paths,
+serves), the ServiceMonitor (a minimal schema in tests/schemas/: the Prometheus Operator's CRD is not
+packaged as a JSON schema; see the schema's $comment), and the consistency between files: ports, probe paths,
 service names, environment variable names, grace periods. Every checker is also run on a broken
 input, so that it is seen to fail.
 """
