@@ -1,4 +1,5 @@
-"""GET /api/health-check/ (no auth) and GET /metrics (Prometheus)."""
+"""GET /api/health-check/ (liveness, no auth), GET /api/ready/ (readiness, no auth) and GET /metrics
+(Prometheus)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.gateway import Gateway
+from proxy.readiness import Readiness
 
 
 def routes(gateway: Gateway) -> list[Route]:
+    readiness = Readiness(gateway)
+
     async def health(request: Request) -> Response:
         return JSONResponse({"message": "ok"})
+
+    async def ready(request: Request) -> Response:
+        status, body = await readiness.result()
+        return JSONResponse(body, status, headers={"Cache-Control": "no-store"})
 
     async def metrics(request: Request) -> Response:
         gateway.metrics.log_queue_depth.set(gateway.logs.depth)
@@ -21,5 +29,7 @@ def routes(gateway: Gateway) -> list[Route]:
     return [
         Route("/api/health-check/", health, methods=["GET"]),
         Route("/api/health-check", health, methods=["GET"]),
+        Route("/api/ready/", ready, methods=["GET"]),
+        Route("/api/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]

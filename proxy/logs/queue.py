@@ -35,6 +35,8 @@ class _SinkState:
         self.opened = False
         self.up = False  # False: batches go to the spool until a replay succeeds
         self.replay: asyncio.Task[None] | None = None  # this sink's replay, running beside the writer
+        # why the last open, write or replay failed; None once one succeeds (readiness reads it)
+        self.problem: str | None = "not opened yet"
 
 
 class LogQueue:
@@ -161,6 +163,30 @@ class LogQueue:
                 log.exception("closing log sink %s failed", st.name)
         self._metrics.log_queue_depth.set(0)
 
+    async def health(self, timeout: float) -> dict[str, str | None]:
+        """Each sink's problem (None: healthy), for readiness: the last open, write or replay that
+        failed, until one succeeds; else what the sink's own `check` finds within `timeout`
+        seconds (a query through its pool, the file writable). A sink without one (http) is as its
+        last delivery left it. Never raises."""
+
+        async def one(st: _SinkState) -> str | None:
+            if st.problem is not None:
+                return st.problem
+            check = getattr(st.sink, "check", None)
+            if check is None:
+                return None
+            try:
+                async with asyncio.timeout(timeout):
+                    await check()
+            except TimeoutError:
+                return f"no answer within {timeout:g} s"
+            except Exception as e:
+                return f"check failed: {e!r}"
+            return None
+
+        problems = await asyncio.gather(*(one(st) for st in self._states))
+        return dict(zip(self._names, problems, strict=True))
+
     # -- writer ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -228,8 +254,10 @@ class LogQueue:
                 return
             except Exception as e:
                 st.up = False
+                st.problem = f"write failed: {e!r}"
                 log.warning("log sink %s write failed, spooling until it recovers: %r", st.name, e)
             else:
+                st.problem = None
                 handled.add(st.name)
                 self._metrics.log_written.labels(st.name).inc(len(batch))
                 return
@@ -254,9 +282,11 @@ class LogQueue:
         try:
             await st.sink.open()
         except Exception as e:
+            st.problem = f"cannot open: {e!r}"
             log.warning("log sink %s failed to open, spooling until it does: %r", st.name, e)
             return False
         st.opened = st.up = True
+        st.problem = None
         return True
 
     def _replay_all(self) -> set[asyncio.Task[None]]:
@@ -294,7 +324,9 @@ class LogQueue:
                         if st.up:
                             log.warning("log sink %s replay failed, spooling until it recovers: %r", st.name, e)
                         st.up = False
+                        st.problem = f"replay failed: {e!r}"
                         return
+                    st.problem = None  # it takes writes again (the rest of the spool follows)
                     self._metrics.log_replayed.inc(len(chunk.records) - refused)
                 await asyncio.to_thread(self._spool.commit, st.name, f, chunk)
                 if chunk.eof:
@@ -304,3 +336,4 @@ class LogQueue:
         if not st.up:
             log.info("log sink %s recovered", st.name)
         st.up = True
+        st.problem = None

@@ -219,6 +219,15 @@ class PostgresSink:
                 refused[row[0]] = f"{type(e).__name__}: {str(e)[:200]}"
         return refused
 
+    async def check(self) -> None:
+        """Readiness: `SELECT 1` through the sink's own pool (raises when the database does not
+        answer; the caller bounds the wait)."""
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("postgres log sink is not open")
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from proxy.logs.record import LogRecord
@@ -17,6 +19,7 @@ class ThreadedSink(abc.ABC):
     """Subclasses implement the blocking `_open`, `_write` and `_close`; the thread owns their state."""
 
     name = "threaded"
+    path: Path  # the file the subclass writes
 
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
@@ -42,6 +45,11 @@ class ThreadedSink(abc.ABC):
             self._executor.shutdown(wait=False)
             self._executor = None
 
+    async def check(self) -> None:
+        """Readiness: the file can be written (checked on a thread of its own, so a batch being
+        written on the sink's thread does not hold it up)."""
+        await asyncio.to_thread(_check_writable, self.path)
+
     @abc.abstractmethod
     def _open(self) -> None: ...
 
@@ -50,3 +58,12 @@ class ThreadedSink(abc.ABC):
 
     @abc.abstractmethod
     def _close(self) -> None: ...
+
+
+def _check_writable(path: Path) -> None:
+    """Raise when `path` (or, before it exists, its folder) cannot be written."""
+    target = path if path.exists() else path.parent
+    if not target.exists():
+        raise FileNotFoundError(f"{target} does not exist")
+    if not os.access(target, os.W_OK):
+        raise PermissionError(f"{target} is not writable")
