@@ -282,6 +282,8 @@ class FallbackStage:
         return min(base * 2**tries * random.uniform(0.75, 1.25), self.max_retry_after)
 
     async def __call__(self, call: Call, next: Next) -> Reply:
+        if call.gates:  # a refusal (a limit) is the client's answer, never an attempt that failed over
+            await call.ready()
         plan = call.plan
         if not plan:
             if call.target is None:

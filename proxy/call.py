@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -156,6 +157,7 @@ class Call:
         "cache_hit",
         "omit_log",
         "finished",
+        "gates",
         "state",
     )
 
@@ -206,10 +208,28 @@ class Call:
         self.cache_hit = False  # answered from the response cache (the log's cache_hit)
         self.omit_log = False  # finish writes no log record (a cache hit with cache_options.omit_log)
         self.finished = False  # Gateway.finish ran: accounted, logged, measured
+        self.gates: list[asyncio.Future[Any]] = []  # checks still under way (see hold)
         self.state: dict[str, Any] = {}  # free-form scratch space for stages
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+    def hold(self, gate: asyncio.Future[Any]) -> None:
+        """A check still under way that must pass before anything answers the request (the limits
+        stage's reservation on Redis). The stages after it go on meanwhile, so that their own I/O
+        (the cache's lookup) goes out in the same write and comes back in the same read: one round
+        trip instead of two. The gate's exception is the refusal."""
+        self.gates.append(gate)
+
+    async def ready(self) -> None:
+        """Every held check has passed; raises the first refusal. Awaited by whatever is about to
+        answer: the first upstream attempt, a cache hit. Costs nothing once the checks are done."""
+        for gate in self.gates:
+            if not gate.done():
+                await gate
+            elif gate.exception() is not None:
+                raise gate.exception()  # type: ignore[misc]
+        self.gates.clear()  # passed: later callers skip the await (a refusal stays and is raised again)
 
 
 class Reply:

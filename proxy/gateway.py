@@ -206,6 +206,8 @@ class Gateway:
     async def dispatch(self, call: Call) -> Reply:
         """Terminal handler: send the Call to its Target (resolving the model when no stage did)."""
         if not call.dispatched:
+            if call.gates:
+                await call.ready()  # no upstream call before every held check has passed
             call.dispatched = time.perf_counter()
             if call.params.prompt is not None and "prompt" not in call.state:
                 raise BadRequest(PROMPTS_NOT_SERVED)

@@ -6,10 +6,13 @@ or closed as each policy says; alerts arrive signed and once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import os
+import socket
+import threading
 import time
 from typing import Any
 
@@ -21,7 +24,7 @@ import redis
 from aiohttp import web
 
 from plugins.limits.counters import KEY_PREFIX
-from tests.conftest import KEY, REDIS_URL, GatewayProcess, base_config, free_port
+from tests.conftest import KEY, REDIS_DB, REDIS_URL, GatewayProcess, base_config, free_port
 from tests.mock_server import MockServer
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -382,3 +385,65 @@ def test_a_policy_created_on_one_gateway_applies_on_another_through_redis(start_
         client = redis.Redis.from_url(REDIS_URL)
         for key in client.scan_iter(match=f"{KEY_PREFIX}*{name}*"):
             client.delete(key)
+
+
+class RedisTap:
+    """A TCP relay in front of the real Redis that keeps every chunk a client sends through it."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/{REDIS_DB}"
+        self.sent: list[bytes] = []  # what clients sent, one entry per read
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", 6379))
+            threading.Thread(target=self._pipe, args=(client, server, self.sent), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket, keep: list[bytes] | None) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if keep is not None:
+                    keep.append(data)
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_the_limit_reservation_and_the_cache_lookup_share_one_round_trip(start_gateway, mock, redis_cleanup):
+    """The limits stage does not wait for Redis before the cache stage looks up: both commands go out
+    in one write, and the answer waits for both (Call.hold / Call.ready). A refusal still wins over
+    a cached answer."""
+    name = unique("round-trip")
+    redis_cleanup.append(name)
+    tap = RedisTap()
+    try:
+        policy = {"name": name, "scope": "api_key", "metric": "requests", "window": "lifetime", "block_threshold": 2}
+        gw = start_gateway(pipeline=["auth", {"name": "limits", "options": {"policies": [policy]}},
+                                     {"name": "cache", "options": {"defaults": {"cache_enabled": True}}}],
+                           state={"counters": {"backend": "redis", "url": tap.url},
+                                  "cache": {"backend": "redis", "url": tap.url}})
+        body = {"model": "gpt-test", "messages": [{"role": "user", "content": unique("once")}]}
+        for expected in ("miss", "hit"):
+            before = len(tap.sent)
+            reply = httpx.post(f"{gw.url}/api/chat/completions", json=body, headers=AUTH, timeout=10)
+            assert reply.status_code == 200 and reply.headers["x-llmrelay-cache"] == expected
+            writes = tap.sent[before:]
+            lookups = [w for w in writes if b"\r\nGET\r\n" in w]
+            assert len(lookups) == 1, writes
+            assert b"EVALSHA" in lookups[0] or b"EVAL\r\n" in lookups[0], writes  # the reservation, same write
+        refused = httpx.post(f"{gw.url}/api/chat/completions", json=body, headers=AUTH, timeout=10)
+        assert refused.status_code == 429 and "x-llmrelay-cache" not in refused.headers
+        assert f"limit '{name}'" in refused.json()["detail"]
+    finally:
+        tap.close()

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from plugins.limits import LimitExceeded, LimitsStage, rate_limit_headers
-from plugins.limits.counters import KEY_PREFIX, Charge, MemoryCounters, RedisCounters
+from plugins.limits.counters import KEY_PREFIX, Charge, MemoryCounters, RedisCounters, reserve
 from plugins.limits.policy import Policy, customer_policies, key_policies, parse_policies
 from plugins.limits.windows import bounds, seconds_left
 from proxy.call import Call, KeyInfo, Reply, Usage
@@ -134,17 +134,17 @@ def test_reserve_is_all_or_nothing(kind, redis_keys):
     async def run() -> None:
         counters = MemoryCounters() if kind == "memory" else RedisCounters(RedisClient(REDIS_URL))
         a, b = f"{redis_keys}:a", f"{redis_keys}:b"
-        first = await counters.reserve([Charge(a, 1, 2, 60), Charge(b, 5, None, 60)])
+        first = await reserve(counters, [Charge(a, 1, 2, 60), Charge(b, 5, None, 60)])
         assert first.admitted and first.values == [1.0, 5.0]
-        second = await counters.reserve([Charge(a, 1, 2, 60), Charge(b, 5, None, 60)])
+        second = await reserve(counters, [Charge(a, 1, 2, 60), Charge(b, 5, None, 60)])
         assert second.admitted and second.values == [2.0, 10.0]
-        third = await counters.reserve([Charge(b, 5, None, 60), Charge(a, 1, 2, 60)])
+        third = await reserve(counters, [Charge(b, 5, None, 60), Charge(a, 1, 2, 60)])
         assert not third.admitted and third.refused_by == 1 and third.values == [10.0, 2.0]
         # the refusal added nothing anywhere
-        fourth = await counters.reserve([Charge(b, 0, None, 60)])
+        fourth = await reserve(counters, [Charge(b, 0, None, 60)])
         assert fourth.values == [10.0]
         await counters.add([Charge(b, -2.5, None, 60)])
-        assert (await counters.reserve([Charge(b, 0, None, 60)])).values == [7.5]
+        assert (await reserve(counters, [Charge(b, 0, None, 60)])).values == [7.5]
         await counters.close()
 
     asyncio.run(run())
@@ -153,9 +153,9 @@ def test_reserve_is_all_or_nothing(kind, redis_keys):
 def test_an_amount_that_would_pass_the_limit_is_refused_and_a_full_counter_refuses_even_zero():
     async def run() -> None:
         counters = MemoryCounters()
-        assert not (await counters.reserve([Charge("c", 11, 10, 60)])).admitted
-        assert (await counters.reserve([Charge("c", 10, 10, 60)])).admitted
-        assert not (await counters.reserve([Charge("c", 0, 10, 60)])).admitted
+        assert not (await reserve(counters, [Charge("c", 11, 10, 60)])).admitted
+        assert (await reserve(counters, [Charge("c", 10, 10, 60)])).admitted
+        assert not (await reserve(counters, [Charge("c", 0, 10, 60)])).admitted
 
     asyncio.run(run())
 
@@ -176,7 +176,7 @@ def test_memory_counters_expire_with_their_window():
 def test_concurrent_reservations_admit_exactly_the_limit(kind, redis_keys):
     async def run() -> None:
         counters = MemoryCounters() if kind == "memory" else RedisCounters(RedisClient(REDIS_URL))
-        results = await asyncio.gather(*(counters.reserve([Charge(f"{redis_keys}:n", 1, 50, 60)]) for _ in range(200)))
+        results = await asyncio.gather(*(reserve(counters, [Charge(f"{redis_keys}:n", 1, 50, 60)]) for _ in range(200)))
         assert sum(r.admitted for r in results) == 50
         await counters.close()
 
@@ -186,7 +186,7 @@ def test_concurrent_reservations_admit_exactly_the_limit(kind, redis_keys):
 def test_redis_counters_expire_after_their_window(redis_keys):
     async def run() -> None:
         counters = RedisCounters(RedisClient(REDIS_URL))
-        await counters.reserve([Charge(f"{redis_keys}:ttl", 1, None, 90), Charge(f"{redis_keys}:life", 1, None, 0)])
+        await reserve(counters, [Charge(f"{redis_keys}:ttl", 1, None, 90), Charge(f"{redis_keys}:life", 1, None, 0)])
         client = redis.Redis.from_url(REDIS_URL)
         assert 85 <= client.ttl(f"{KEY_PREFIX}{redis_keys}:ttl") <= 90
         assert client.ttl(f"{KEY_PREFIX}{redis_keys}:life") == -1  # lifetime: kept
@@ -215,7 +215,8 @@ def make_call(model: str = "priced", key: str = "team-a", text: str = "x" * 400,
 
 
 class Upstream:
-    """The rest of the pipeline: answers with the given usage and cost."""
+    """The rest of the pipeline: answers with the given usage and cost, once the checks held on the
+    call have passed (as the core's dispatch does before its upstream call)."""
 
     def __init__(self, usage: Usage | None = None, cost: float = 0.0) -> None:
         self.usage = usage or Usage(prompt_tokens=100, completion_tokens=50)
@@ -223,6 +224,7 @@ class Upstream:
         self.calls = 0
 
     async def __call__(self, call: Call) -> Reply:
+        await call.ready()
         self.calls += 1
         call.usage = self.usage
         call.cost = self.cost
@@ -240,8 +242,8 @@ class Notifier:
 
 def stage_with(*policies: dict[str, Any], clock: Clock | None = None, counters: Any = None) -> LimitsStage:
     clock = clock or Clock("2026-11-24T10:00:00")
-    return LimitsStage(parse_policies(list(policies)), counters or MemoryCounters(clock), MODELS, Metrics(),
-                       Notifier(), clock=clock)
+    counters = counters if counters is not None else MemoryCounters(clock)  # (empty counters are falsy)
+    return LimitsStage(parse_policies(list(policies)), counters, MODELS, Metrics(), Notifier(), clock=clock)
 
 
 async def request(stage: LimitsStage, call: Call, upstream: Upstream) -> Reply:
@@ -436,8 +438,13 @@ def test_customer_budget_counts_the_markup():
 
 
 class DownCounters:
-    async def reserve(self, charges):
-        raise ConnectionError("redis is down")
+    def submit_reserve(self, charges):
+        answer = asyncio.get_running_loop().create_future()
+        answer.set_exception(ConnectionError("redis is down"))
+        return answer
+
+    def decision(self, answer):
+        raise AssertionError("never called: the answer is an error")
 
     async def add(self, charges):
         raise ConnectionError("redis is down")
@@ -486,3 +493,89 @@ def test_policy_from_parse_is_frozen():
     policy = Policy(name="p", scope="organization", metric="requests", window="day", block_threshold=1)
     with pytest.raises(AttributeError):
         policy.name = "q"  # type: ignore[misc]
+
+
+# -- the gate: later stages go on while the backend decides ------------------------------------------
+
+
+class SlowCounters(MemoryCounters):
+    """Memory counters whose answers come only when the test releases them (as Redis's would)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.pending: list[tuple[asyncio.Future[Any], Any]] = []
+
+    def submit_reserve(self, charges: list[Charge]) -> asyncio.Future[Any]:
+        answer = asyncio.get_running_loop().create_future()
+        self.pending.append((answer, self.reserve_now(charges)))
+        return answer
+
+    def release(self) -> None:
+        for answer, decision in self.pending:
+            answer.set_result(decision)
+        self.pending.clear()
+
+
+ONE_A_DAY = {"name": "one", "scope": "api_key", "metric": "requests", "window": "day", "block_threshold": 1}
+
+
+def test_later_stages_run_before_the_decision_and_the_upstream_waits_for_it():
+    async def run() -> None:
+        clock = Clock("2026-11-24T10:00:00")
+        counters = SlowCounters(clock)
+        stage = stage_with(ONE_A_DAY, clock=clock, counters=counters)
+        upstream = Upstream()
+        seen: list[str] = []
+
+        async def lookup_then_upstream(call: Call) -> Reply:  # what the cache stage does on a miss
+            seen.append("lookup sent")
+            return await upstream(call)
+
+        for admitted in (True, False):
+            call = make_call()
+            answer = asyncio.ensure_future(stage(call, lookup_then_upstream))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert seen.pop() == "lookup sent" and upstream.calls == (0 if admitted else 1)  # waiting in ready()
+            counters.release()
+            if admitted:
+                assert (await answer).status == 200 and upstream.calls == 1
+            else:
+                with pytest.raises(LimitExceeded):
+                    await answer
+                assert upstream.calls == 1  # the refused request never reached it
+
+    asyncio.run(run())
+
+
+def test_a_refusal_wins_over_a_later_stage_that_answers_or_fails_without_waiting():
+    """A stage after limits that answers on its own (without Call.ready) or fails (an unknown model):
+    the client still gets the 429, as when the limits stage decided before calling on."""
+
+    async def answers(call: Call) -> Reply:
+        return Reply(200, body=b"{}")
+
+    async def fails(call: Call) -> Reply:
+        raise GatewayError("Model 'nope' is not served here", 404)
+
+    async def run() -> None:
+        for later in (answers, fails):
+            clock = Clock("2026-11-24T10:00:00")
+            counters = SlowCounters(clock)
+            stage = stage_with(ONE_A_DAY, clock=clock, counters=counters)
+            first = asyncio.ensure_future(stage(make_call(), later))
+            await asyncio.sleep(0)  # the request reaches the later stage, its reservation still undecided
+            counters.release()
+            if later is answers:
+                assert (await first).status == 200
+            else:
+                with pytest.raises(GatewayError) as failed:
+                    await first
+                assert failed.value.status == 404  # admitted: the later stage's own error
+            second = asyncio.ensure_future(stage(make_call(), later))
+            await asyncio.sleep(0)
+            counters.release()
+            with pytest.raises(LimitExceeded):
+                await second
+
+    asyncio.run(run())

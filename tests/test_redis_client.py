@@ -25,7 +25,7 @@ import redis
 import uvloop
 
 from plugins.cache.store import NAMESPACE, Entry, RedisStore
-from plugins.limits.counters import KEY_PREFIX, Charge, Decision, RedisCounters
+from plugins.limits.counters import KEY_PREFIX, Charge, Decision, RedisCounters, reserve
 from proxy.state import redis as redis_module
 from proxy.state.redis import RedisClient, RedisClients, RedisError, Script
 from tests.conftest import REDIS_DB, REDIS_URL
@@ -738,12 +738,12 @@ def test_redis_counters(run: Run, prefix: str) -> None:
         client = RedisClient(REDIS_URL)
         counters = RedisCounters(client)
         a, b = f"{prefix}:a", f"{prefix}:b"
-        assert await counters.reserve([Charge(a, 2, 5, 60), Charge(b, 1, None, 0)]) == Decision(True, [2.0, 1.0])
-        assert await counters.reserve([Charge(a, 4, 5, 60), Charge(b, 1, None, 0)]) == \
+        assert await reserve(counters, [Charge(a, 2, 5, 60), Charge(b, 1, None, 0)]) == Decision(True, [2.0, 1.0])
+        assert await reserve(counters, [Charge(a, 4, 5, 60), Charge(b, 1, None, 0)]) == \
             Decision(False, [2.0, 1.0], 0)
         added = counters.add([Charge(a, -1.5, None, 60), Charge(b, 2.25, None, 0)])  # not awaited yet
         # submitted after the add: sees it (0.5 + 3 <= 5)
-        assert await counters.reserve([Charge(a, 3, 5, 60)]) == Decision(True, [3.5])
+        assert await reserve(counters, [Charge(a, 3, 5, 60)]) == Decision(True, [3.5])
         await added
         assert await counters.value(a) == 3.5 and await counters.value(b) == 3.25
         assert await counters.value(f"{prefix}:none") == 0.0

@@ -113,6 +113,8 @@ class CacheStage:
         except Exception as exc:  # a cache that is down is a miss, never a failed request
             log.warning("cache lookup failed (%s: %s): treated as a miss", type(exc).__name__, exc)
             entry = None
+        if entry is not None and call.gates:
+            await call.ready()  # a refused request is not answered, not even from the cache
         reply = self.replay(call, entry, settings) if entry is not None else None
         if reply is not None:
             self.hits.inc()

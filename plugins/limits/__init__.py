@@ -59,6 +59,24 @@ class LimitExceeded(GatewayError):
     status = 429
 
 
+async def _refusal(gate: asyncio.Future[Any]) -> BaseException | None:
+    """The gate's refusal, once it is decided (None: admitted)."""
+    try:
+        await gate
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _retrieve(gate: asyncio.Future[Any]) -> None:
+    """Nobody will await `gate`: its refusal is not an error "never retrieved"."""
+    if gate.done():
+        if not gate.cancelled():
+            gate.exception()
+    else:
+        gate.add_done_callback(_retrieve)
+
+
 class Applied:
     """One policy as it applies to one request: its counter and what was reserved."""
 
@@ -147,23 +165,41 @@ class LimitsStage:
     async def counted(self, call: Call, next: Next, matched: list[tuple[Policy, str]]) -> Reply:
         now = self.clock()
         applied = self.charges(call, matched, now)
-        decision = await self._reserve(call, applied, now)
-        if decision is not None:
-            call.state["limit_info"] = limit_info(applied, decision)  # the log detail's limit_info
-            if not decision.admitted:
-                raise self._refuse(call, applied, decision)
-            for a, value in zip(applied, decision.values, strict=True):
-                a.value = value
-                warn = a.policy.warn_threshold
-                if warn is not None and value >= warn:
-                    self.metrics.limit_warnings.labels(a.policy.scope, a.policy.metric).inc()
-                    self._alert("limit.warn", a, warn, value)
-            if any(a.policy.metric != "requests" for a in applied):
-                call.finish_hooks.append(lambda finished: self._reconcile(finished, applied))
-        reply = await next(call)
+        gate = self._reserve(call, applied)
+        # The stages after this one go on while Redis decides (the cache's lookup shares the write);
+        # the first upstream attempt and a cache hit wait for the decision (Call.ready).
+        call.hold(gate)
+        try:
+            reply = await next(call)
+        except Exception:
+            refusal = await _refusal(gate)  # a refusal answers before any later stage's error
+            if refusal is not None:
+                raise refusal from None
+            raise
+        except BaseException:  # cancelled: the client left
+            _retrieve(gate)
+            raise
+        decision = gate.result() if gate.done() else await gate  # decided unless nobody after this asked
         if decision is not None:
             reply.headers.update(rate_limit_headers(applied, now))
         return reply
+
+    def _decide(self, call: Call, applied: list[Applied], decision: Decision | None) -> Decision | None:
+        """Apply the backend's decision to the request; raises the refusal."""
+        if decision is None:
+            return self._unchecked(call, applied)
+        call.state["limit_info"] = limit_info(applied, decision)  # the log detail's limit_info
+        if not decision.admitted:
+            raise self._refuse(call, applied, decision)
+        for a, value in zip(applied, decision.values, strict=True):
+            a.value = value
+            warn = a.policy.warn_threshold
+            if warn is not None and value >= warn:
+                self.metrics.limit_warnings.labels(a.policy.scope, a.policy.metric).inc()
+                self._alert("limit.warn", a, warn, value)
+        if any(a.policy.metric != "requests" for a in applied):
+            call.finish_hooks.append(lambda finished: self._reconcile(finished, applied))
+        return decision
 
     def applicable(self, call: Call) -> list[tuple[Policy, str]]:
         found: list[tuple[Policy, str]] = [(p, ORGANIZATION) for p in self._each.get("organization", ())]
@@ -228,14 +264,40 @@ class LimitsStage:
             return 0.0
         return target.prices.input if target.prices is not None else 0.0
 
-    async def _reserve(self, call: Call, applied: list[Applied], now: float) -> Decision | None:
-        """The backend's decision, or None when it is unreachable and every policy fails open."""
-        if time.monotonic() >= self._down_until:
-            try:
-                return await self.counters.reserve([a.charge for a in applied])
-            except Exception as exc:  # Redis down or timing out: each policy decides
-                self._down_until = time.monotonic() + RETRY_BACKEND
-                self._log_down(exc)
+    def _reserve(self, call: Call, applied: list[Applied]) -> asyncio.Future[Decision | None]:
+        """The reservation, sent now; the gate it returns is decided when the backend answers (at
+        once in memory), with the refusal as its exception."""
+        gate: asyncio.Future[Decision | None] = asyncio.get_running_loop().create_future()
+        if time.monotonic() < self._down_until:
+            self._settle(gate, call, applied, None)
+            return gate
+        answer = self.counters.submit_reserve([a.charge for a in applied])
+        if answer.done():
+            self._answered(gate, call, applied, answer)
+        else:
+            answer.add_done_callback(functools.partial(self._answered, gate, call, applied))
+        return gate
+
+    def _answered(self, gate: asyncio.Future[Decision | None], call: Call, applied: list[Applied],
+                  answer: asyncio.Future[Any]) -> None:
+        try:
+            decision: Decision | None = self.counters.decision(answer.result())
+        except (Exception, asyncio.CancelledError) as exc:  # Redis down or timing out: each policy decides
+            self._down_until = time.monotonic() + RETRY_BACKEND
+            self._log_down(exc)
+            decision = None
+        self._settle(gate, call, applied, decision)
+
+    def _settle(self, gate: asyncio.Future[Decision | None], call: Call, applied: list[Applied],
+                decision: Decision | None) -> None:
+        try:
+            gate.set_result(self._decide(call, applied, decision))
+        except GatewayError as refusal:
+            gate.set_exception(refusal)
+
+    def _unchecked(self, call: Call, applied: list[Applied]) -> None:
+        """The backend is unreachable: a policy with on_backend_error closed refuses (503); otherwise
+        the request goes through, unchecked, and its log says so."""
         closed = next((a.policy for a in applied if a.policy.on_backend_error == "closed"), None)
         if closed is not None:
             self.metrics.limit_backend_errors.labels("closed").inc()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from proxy.state.redis import Arg, RedisClient, Script
 
@@ -33,7 +33,12 @@ class Decision(NamedTuple):
 
 
 class Counters(Protocol):
-    async def reserve(self, charges: list[Charge]) -> Decision: ...
+    def submit_reserve(self, charges: list[Charge]) -> asyncio.Future[Any]:
+        """Check and reserve (see the module's docstring), sent at once: other commands of this loop
+        turn share its write. `decision` reads the future's answer."""
+        ...
+
+    def decision(self, answer: Any) -> Decision: ...
 
     def add(self, charges: list[Charge]) -> Awaitable[None]:
         """Add each amount to its counter, without a check (a reconciliation). The write starts
@@ -43,6 +48,11 @@ class Counters(Protocol):
     async def value(self, key: str) -> float: ...
 
     async def close(self) -> None: ...
+
+
+async def reserve(counters: Counters, charges: list[Charge]) -> Decision:
+    """Check and reserve, and wait for the decision."""
+    return counters.decision(await counters.submit_reserve(charges))
 
 
 def refuses(current: float, amount: float, limit: float | None) -> bool:
@@ -57,8 +67,14 @@ class MemoryCounters:
         self._values: dict[str, list[float]] = {}  # key -> [value, expires at (inf: never)]
         self._next_sweep = 0.0
 
-    async def reserve(self, charges: list[Charge]) -> Decision:
-        return self.reserve_now(charges)
+    def submit_reserve(self, charges: list[Charge]) -> asyncio.Future[Any]:
+        """Decided at once: the future is already done."""
+        answer = asyncio.get_running_loop().create_future()
+        answer.set_result(self.reserve_now(charges))
+        return answer
+
+    def decision(self, answer: Any) -> Decision:
+        return answer
 
     def reserve_now(self, charges: list[Charge]) -> Decision:
         now = self.clock()
@@ -150,14 +166,16 @@ class RedisCounters:
     def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
 
-    async def reserve(self, charges: list[Charge]) -> Decision:
+    def submit_reserve(self, charges: list[Charge]) -> asyncio.Future[Any]:
         args: list[Arg] = []
         for c in charges:
             args += (repr(c.amount), "" if c.limit is None else repr(c.limit), c.ttl)
-        out = await self._redis.submit_script(RESERVE, [KEY_PREFIX + c.key for c in charges], args)
-        if int(out[0]) == 1:
-            return Decision(True, [float(v) for v in out[1:]])
-        return Decision(False, [float(v) for v in out[2:]], int(out[1]) - 1)
+        return self._redis.submit_script(RESERVE, [KEY_PREFIX + c.key for c in charges], args)
+
+    def decision(self, answer: Any) -> Decision:
+        if int(answer[0]) == 1:
+            return Decision(True, [float(v) for v in answer[1:]])
+        return Decision(False, [float(v) for v in answer[2:]], int(answer[1]) - 1)
 
     def add(self, charges: list[Charge]) -> asyncio.Future[None]:
         args: list[Arg] = []
