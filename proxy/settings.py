@@ -17,6 +17,7 @@ import yaml
 
 from proxy.alerts import AlertSettings
 from proxy.catalog import load_catalog
+from proxy.forwarded import parse_networks
 from proxy.keys import hash_key, is_key_hash
 
 DEMO_KEY = "sk-llmrelay-demo"  # the embedded defaults' gateway key; README examples use it
@@ -48,6 +49,12 @@ class Server(Struct):
     max_body_bytes: int = 10 * 1024 * 1024
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)  # provider defaults
+    # load balancers whose X-Forwarded-For is believed for the log's ip_address (IPs or CIDRs)
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    tls_cert: str | None = None  # PEM certificate (chain) file: serve HTTPS (with tls_key)
+    tls_key: str | None = None  # PEM private key file
+    # auto: HTTP/1.1 and HTTP/2 (negotiated by ALPN over TLS; cleartext h2c with prior knowledge); 1: HTTP/1.1 only
+    http: Literal["auto", "1"] = "auto"
 
 
 class Deployment(Struct):
@@ -275,6 +282,21 @@ def check_base_url(url: str | None, where: str) -> None:
         raise ConfigError(f"{where}: credentials in the URL are not supported; use api_key or headers")
 
 
+def check_server_edge(server: Server, src: str) -> None:
+    """Trusted proxies parse; TLS has both files, readable."""
+    try:
+        parse_networks(server.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"{src}: $.server.trusted_proxies: {exc}") from None
+    if (server.tls_cert is None) != (server.tls_key is None):
+        missing = "tls_key" if server.tls_key is None else "tls_cert"
+        raise ConfigError(f"{src}: $.server.{missing}: HTTPS needs both tls_cert and tls_key")
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(server, name)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"{src}: $.server.{name}: cannot read {path!r}")
+
+
 def check(settings: Settings) -> None:
     """Cross-field rules that types alone cannot say."""
     src = settings.source
@@ -284,6 +306,7 @@ def check(settings: Settings) -> None:
         raise ConfigError(f"{src}: $.server.workers: expected at least 1, got {settings.server.workers}")
     if settings.server.max_body_bytes < 1024:
         raise ConfigError(f"{src}: $.server.max_body_bytes: expected at least 1024, got {settings.server.max_body_bytes}")
+    check_server_edge(settings.server, src)
     seen: set[str] = set()
     for i, p in enumerate(settings.providers):
         where = f"{src}: $.providers[{i}]"

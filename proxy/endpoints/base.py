@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from proxy.call import Call, Reply
 from proxy.endpoints.body import read_body, request_headers, send_whole
 from proxy.errors import GatewayError, InternalError
+from proxy.forwarded import ClientAddress, request_id
 from proxy.gateway import DONE_EVENT, SHUTDOWN, STREAM_CUT_AT_SHUTDOWN, Gateway
 from proxy.params import EMPTY
 from proxy.sse import error_event
@@ -39,6 +40,7 @@ class Endpoint(abc.ABC):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.limit = gateway.settings.server.max_body_bytes
+        self.client_address = ClientAddress(gateway.settings.server.trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway = self.gateway
@@ -47,8 +49,10 @@ class Endpoint(abc.ABC):
         path = scope["path"]
         query = scope.get("query_string")
         call = Call(endpoint=self.endpoint_for(path), path=path, body={}, params=EMPTY, headers=headers,
-                    client_ip=client[0] if client else None, client_format=self.client_format,
-                    query=query.decode("latin-1") if query else "")
+                    client_ip=self.client_address.of(client[0] if client else None, headers),
+                    client_format=self.client_format, query=query.decode("latin-1") if query else "")
+        if "x-request-id" in headers:
+            call.request_id = request_id(headers) or call.request_id
         try:
             self.read_call(call, await read_body(headers, receive, self.limit))
         except GatewayError as exc:
