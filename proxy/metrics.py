@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import glob
 import os
 from typing import Any
 
@@ -138,6 +139,24 @@ class Metrics:
         self._customer_cost: dict[str, float] = {}
         self._chunk_gaps: dict[str, _Buckets] = {}
         self.in_flight_now = 0  # requests being served by this process
+        self._config_loaded: Gauge | None = None  # set_config() makes these
+        self._config_info: Gauge | None = None
+
+    def set_config(self, sha256: str, loaded_at: float) -> None:
+        """The config this worker serves: when it was loaded, and its hash as a label. Made on
+        first use, so that a process that only checks a config (the CLI's main process) adds no
+        series. With several workers, one series per live worker (label pid)."""
+        if self._config_loaded is None:
+            self._config_loaded = Gauge(
+                "llmrelay_config_loaded_timestamp_seconds", "When this worker loaded the config it serves (unix time)",
+                registry=self.registry, multiprocess_mode="liveall",
+            )
+            self._config_info = Gauge(
+                "llmrelay_config_info", "1 for the config this worker serves, by the first 12 hex digits of the "
+                "SHA-256 of its text", ["sha256"], registry=self.registry, multiprocess_mode="liveall",
+            )
+        self._config_loaded.set(loaded_at)
+        self._config_info.labels(sha256).set(1)  # type: ignore[union-attr]
 
     def observe(self, call: Call) -> None:
         """Record one finished request (applied to the collectors at the next flush)."""
@@ -219,9 +238,28 @@ class Metrics:
         self.flush()
         if self.multiprocess:
             registry = CollectorRegistry()
-            prom_multiprocess.MultiProcessCollector(registry)
+            registry.register(_WorkerFiles(multiprocess_dir() or ""))
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _WorkerFiles:
+    """prometheus-client's MultiProcessCollector, minus the files a worker that is starting has
+    created but not sized yet: read in that instant, an empty file failed the whole scrape (a 500
+    from /metrics while granian replaced the workers on a reload)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Any:
+        files = []
+        for name in glob.glob(os.path.join(self.path, "*.db")):
+            try:
+                if os.path.getsize(name) >= 8:  # the header: how much of the file is used
+                    files.append(name)
+            except FileNotFoundError:  # a stopped worker's live gauges, removed meanwhile
+                continue
+        return prom_multiprocess.MultiProcessCollector.merge(files, accumulate=True)
 
 
 class _Buckets:
