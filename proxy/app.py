@@ -9,22 +9,25 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy import dashboard
+from proxy import dashboard, reload
 from proxy.endpoints import anthropic, chat, embeddings, gemini, health, models, responses, vertex
 from proxy.gateway import Gateway
-from proxy.metrics import Metrics
-from proxy.settings import Settings, load_settings
+from proxy.metrics import Metrics, mark_worker_dead
+from proxy.settings import Settings
 
-CONFIG_ENV = "LLMRELAY_CONFIG"
-GC_THRESHOLDS = (50_000, 20, 100)  # the CLI passes the config path to granian workers through this
+CONFIG_ENV = reload.CONFIG_ENV  # the CLI passes the config path (and its checked text) to granian workers
+GC_THRESHOLDS = (50_000, 20, 100)
+log = logging.getLogger("llmrelay")
 
 
 class App:
@@ -50,13 +53,22 @@ class App:
         await self.starlette(scope, receive, send)
 
 
-def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
+def build_app(settings: Settings, *, metrics: Metrics | None = None, loaded: reload.LoadedConfig | None = None,
+              started: float | None = None) -> App:
+    """`loaded`: the config as the worker loaded it (its hash and time, for /metrics); `started`:
+    when the worker began building (time.monotonic()), for the line that says it is up."""
     gateway = Gateway(settings, metrics=metrics)
+    if loaded is None:
+        loaded = reload.LoadedConfig(settings, reload.fingerprint(msgspec.json.encode(settings).decode()), time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
         watch_shutdown_signals(gateway)
+        gateway.metrics.set_config(loaded.sha256, loaded.loaded_at)
+        if started is not None:
+            log.info("worker %d serving %s (sha256 %s), up in %.2f s", os.getpid(), settings.source, loaded.sha256,
+                     time.monotonic() - started)
         # Everything built at start-up (modules, config, catalog, clients) lives as long as the
         # process: keep it out of the garbage collector's full passes, which otherwise rescan it
         # every few hundred requests.
@@ -70,6 +82,7 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
             yield
         finally:
             await gateway.stop(settings.server.shutdown_timeout)
+            mark_worker_dead(os.getpid())  # its live gauges (in flight, config) leave /metrics with it
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"detail": "Not found."}, 404)
@@ -92,7 +105,7 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> App:
     post_routes += [Route(prefix + "{rest:path}", handler, methods=["POST"]) for prefix, handler in prefix_routes.items()]
     starlette = Starlette(
         routes=[*post_routes, *models.routes(gateway), *health.routes(gateway), *gateway.admin_routes(),
-                *dashboard.routes()],
+                *reload.routes(gateway), *dashboard.routes()],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
     )
@@ -117,6 +130,8 @@ def watch_shutdown_signals(gateway: Gateway) -> None:
 
 
 def create_app() -> App:
-    """Factory for granian workers: the config path comes from the environment."""
+    """Factory for granian workers: the config comes from the environment (reload.worker_config)."""
+    started = time.monotonic()
     logging.basicConfig(level=os.environ.get("LLMRELAY_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    return build_app(load_settings(os.environ.get(CONFIG_ENV) or None))
+    loaded = reload.worker_config()
+    return build_app(loaded.settings, loaded=loaded, started=started)
