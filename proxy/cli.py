@@ -8,9 +8,13 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-from proxy import cli_keys, cli_prompts
+import orjson
+
+from proxy import cli_keys, cli_prompts, reload
 from proxy.keys import hash_key
 from proxy.settings import ConfigError, Settings, load_settings
 
@@ -29,14 +33,28 @@ def serve(args: argparse.Namespace) -> int:
     from granian.constants import Interfaces, Loops, RuntimeModes
 
     config = str(Path(args.config).resolve()) if args.config else None
-    settings = load_settings(config)
+    if config:
+        text = reload.read_text(config)
+        settings = reload.parse_text(text, config)
+        loaded = reload.LoadedConfig(settings, reload.fingerprint(text), time.time())
+    else:
+        settings = load_settings(None)
+        loaded = reload.LoadedConfig(settings, reload.defaults_fingerprint(), time.time())
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     workers = args.workers or settings.server.workers
+    # The workers (forked from this process) load the config from the environment: the path, and
+    # the text validated here (a reload replaces it; see proxy/reload.py).
     if config:
-        os.environ["LLMRELAY_CONFIG"] = config
+        os.environ[reload.CONFIG_ENV] = config
+        os.environ[reload.CONFIG_TEXT_ENV] = text
     else:
-        os.environ.pop("LLMRELAY_CONFIG", None)
+        os.environ.pop(reload.CONFIG_ENV, None)
+        os.environ.pop(reload.CONFIG_TEXT_ENV, None)
+    overridden = {name for name in reload.RESTART_ONLY if getattr(args, name, None) is not None}
+    started = reload.restart_only(settings, overridden)
+    os.environ[reload.RESTART_ENV] = orjson.dumps(started).decode()
+    os.environ[reload.MAIN_PID_ENV] = str(os.getpid())  # granian's main process is this one
     metrics_dir = None
     if workers > 1:  # prometheus-client multiprocess mode: workers share values through files
         # Before anything imports prometheus_client (the Gateway below does): it picks its value
@@ -48,8 +66,9 @@ def serve(args: argparse.Namespace) -> int:
         from proxy.gateway import Gateway
 
         Gateway(settings)
-        print(f"llmrelay: serving {settings.source} on http://{host}:{port} with {workers} worker(s)", file=sys.stderr)
-        Granian(
+        scheme = "https" if settings.server.tls_cert else "http"
+        print(f"llmrelay: serving {settings.source} on {scheme}://{host}:{port} with {workers} worker(s)", file=sys.stderr)
+        server = Granian(
             "proxy.app:create_app",
             factory=True,
             address=host,
@@ -63,12 +82,28 @@ def serve(args: argparse.Namespace) -> int:
             # 5-10 % less CPU per request at concurrency 64 (benchmarks/README.md)
             runtime_mode=RuntimeModes.st,
             # streams end at shutdown_timeout (the worker enforces it); then the log queue drains
-            workers_kill_timeout=int(settings.server.shutdown_timeout) + 15,
-        ).serve()
+            workers_kill_timeout=int(settings.server.shutdown_timeout) + reload.KILL_MARGIN,
+            # SIGHUP: each worker is replaced by a new one, started this long before the old one drains
+            respawn_interval=reload.RESPAWN_INTERVAL,
+            **edge_options(settings),
+        )
+        server.on_reload(reload.Reloader(config, loaded, started))
+        server.serve()
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def edge_options(settings: Settings) -> dict[str, Any]:
+    """granian's TLS and HTTP-version options from `server`."""
+    from granian.constants import HTTPModes
+
+    server = settings.server
+    options: dict[str, Any] = {"http": HTTPModes.http1 if server.http == "1" else HTTPModes.auto}
+    if server.tls_cert and server.tls_key:
+        options.update(ssl_cert=Path(server.tls_cert), ssl_key=Path(server.tls_key))
+    return options
 
 
 def check(args: argparse.Namespace) -> int:
