@@ -184,7 +184,8 @@ class FaultUpstream:
         return len(self.requests(model))
 
     def closed(self, model: str) -> list[float]:
-        """Monotonic times at which the gateway closed its connections for `model` (after a hang)."""
+        """Monotonic times at which the gateway closed its connections for `model` while the answer was still
+        going out (a write failed) or hanging."""
         with self._lock:
             return list(self._closed[model])
 
@@ -222,6 +223,7 @@ class FaultUpstream:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.active += 1
+        model = ""
         try:
             request = await self._read_request(reader)
             if request is None:
@@ -255,8 +257,9 @@ class FaultUpstream:
                     with self._lock:
                         self._closed[model].append(time.monotonic())
                     return
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError):  # the gateway closed the connection while this answer was going out
+            with self._lock:
+                self._closed[model].append(time.monotonic())
         finally:
             self.active -= 1
             writer.close()
