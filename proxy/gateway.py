@@ -107,6 +107,16 @@ class Gateway:
         self._custom_providers: dict[str, Any] = {}  # provider id -> the Provider its adapter was built from
         self.snapshot.subscribe("provider", self._apply_custom_models)
         self.snapshot.subscribe("model", self._apply_custom_models)
+        self._track_sizes()
+
+    def _track_sizes(self) -> None:
+        """The core's in-memory maps, for llmrelay_internal_entries (stages add their own)."""
+        track = self.metrics.track_sizes
+        track("upstream", self.upstream.sizes)
+        track("models", self.models.sizes)
+        track("cooldowns", self.cooldowns.sizes)
+        track("redis", self.redis.sizes)
+        track("metrics", self.metrics.sizes)
 
     def _apply_custom_models(self, _: Any) -> None:
         """Providers and models created through the admin API: adapters for the providers, and

@@ -11,6 +11,7 @@ import asyncio
 import bisect
 import glob
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -127,6 +128,11 @@ class Metrics:
             "llmrelay_alerts_failed", "Alerts given up after all retries (or dropped when the queue was full), by channel",
             ["channel"], registry=r,
         )
+        self.internal_entries = Gauge(
+            "llmrelay_internal_entries", "Entries in an in-memory map of the gateway, by map; every one has "
+            "a bound, so under steady load each stays flat", ["map"], registry=r, multiprocess_mode="max",
+        )
+        self._sizes: dict[str, Callable[[], Mapping[str, int]]] = {}
         # Every label value lives in the registry for good: past this many model names, new
         # ones are counted as "other", so no client can grow /metrics without bound.
         self._models: set[str] = set()
@@ -141,6 +147,14 @@ class Metrics:
         self.in_flight_now = 0  # requests being served by this process
         self._config_loaded: Gauge | None = None  # set_config() makes these
         self._config_info: Gauge | None = None
+
+    def track_sizes(self, owner: str, sizes: Callable[[], Mapping[str, int]]) -> None:
+        """Report each of `sizes()` as llmrelay_internal_entries{map="<owner>.<name>"} at every flush
+        (a leak shows as growth)."""
+        self._sizes[owner] = sizes
+
+    def sizes(self) -> dict[str, int]:
+        return {"model_labels": len(self._models), "customer_labels": len(self._customers)}
 
     def set_config(self, sha256: str, loaded_at: float) -> None:
         """The config this worker serves: when it was loaded, and its hash as a label. Made on
@@ -224,6 +238,9 @@ class Metrics:
         for provider, gaps in self._chunk_gaps.items():
             gaps.apply(self.chunk_gap.labels(provider))
         self.in_flight.set(self.in_flight_now)
+        for owner, sizes in self._sizes.items():
+            for name, size in sizes().items():
+                self.internal_entries.labels(f"{owner}.{name}").set(size)
 
     async def run_flusher(self) -> None:
         """flush() every FLUSH_INTERVAL seconds until cancelled (and once more then)."""

@@ -225,6 +225,9 @@ class ModelTable:
         spec = self.catalog.provider(name)
         return self.serving[spec.id].id if spec is not None and spec.id in self.serving else None
 
+    def sizes(self) -> dict[str, int]:
+        return {"resolved": len(self._resolved)}
+
     def resolve(self, requested: str) -> Target:
         """The Target for a requested model. Targets are shared: copy with msgspec.structs.replace to change one."""
         target = self._resolved.get(requested)

@@ -366,6 +366,10 @@ class UpstreamClient:
         self._pools: dict[str, _Pool] = {}
         self._heads: dict[str, tuple[tuple[str, str, int], bytes, bytes, str]] = {}
 
+    def sizes(self) -> dict[str, int]:
+        idle = sum(len(conns) for pool in self._pools.values() for conns in pool.idle.values())
+        return {"pools": len(self._pools), "idle_connections": idle, "request_heads": len(self._heads)}
+
     def _head(self, url: str) -> tuple[tuple[str, str, int], bytes, bytes, str]:
         """(origin, the request line, its Host header, the origin as logged) of a URL, cached."""
         found = self._heads.get(url)

@@ -294,3 +294,26 @@ def test_customer_label_values_are_capped():
 
 def generate(metrics) -> str:
     return metrics.render()[0].decode()
+
+
+def test_internal_map_sizes_are_exposed_and_bounded(start_gateway, mock):
+    """llmrelay_internal_entries: what each in-memory map holds, so a soak can show none grows."""
+    policy = {"name": "per-customer", "scope": "customer", "metric": "requests", "window": "day",
+              "block_threshold": 1000}
+    gw = start_gateway(pipeline=["auth", {"name": "limits", "options": {"policies": [policy]}},
+                                 {"name": "cache", "options": {"defaults": {"cache_enabled": True}}}])
+    for i in range(5):
+        body = {"model": "gpt-test", "messages": [{"role": "user", "content": f"entry {i}"}],
+                "customer_params": {"customer_identifier": f"c{i}", "total_budget": 100}}
+        assert chat(gw, body).status_code == 200
+    assert chat(gw, {"model": "gpt-test", "messages": [{"role": "user", "content": "entry 0"}],
+                     "customer_params": {"customer_identifier": "c0"}}).headers["x-llmrelay-cache"] == "hit"
+    time.sleep(FLUSH_INTERVAL * 2)
+    sizes = {s.labels["map"]: s.value for s in scrape(gw).samples if s.name == "llmrelay_internal_entries"}
+    assert sizes["cache.entries"] == 5
+    assert sizes["limits.customers"] == 5  # budgets from customer_params, remembered (bounded)
+    assert sizes["upstream.idle_connections"] == 1  # one kept-alive connection to the mock, reused
+    assert sizes["models.resolved"] == 1
+    assert sizes["cooldowns.cooling"] == 0
+    assert sizes["metrics.model_labels"] == 2  # gpt-test, and respan/cache for the hit
+    assert {"upstream.request_heads", "redis.clients", "limits.alerted", "cache.pending_stores"} <= set(sizes)

@@ -78,6 +78,13 @@ class CacheStage:
         self.hits = metrics.cache_lookups.labels("hit")
         self.misses = metrics.cache_lookups.labels("miss")
         self._tasks: set[asyncio.Future[Any]] = set()  # stores on their way
+        metrics.track_sizes("cache", self.sizes)
+
+    def sizes(self) -> dict[str, int]:
+        sizes = {"pending_stores": len(self._tasks)}
+        if isinstance(self.store, MemoryStore):
+            sizes["entries"] = len(self.store)
+        return sizes
 
     def defaults_for(self, call: Call) -> Defaults:
         if self.options.keys and call.key is not None:

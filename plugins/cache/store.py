@@ -116,6 +116,9 @@ class MemoryStore(_Listing):
     async def delete(self, key: str) -> bool:
         return bool(await self.cache.delete(key))
 
+    def __len__(self) -> int:
+        return len(self.cache._cache)
+
     async def ids(self) -> AsyncIterator[str]:
         """Every stored key, without the namespace."""
         prefix = self.cache.build_key("")

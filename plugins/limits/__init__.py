@@ -114,6 +114,13 @@ class LimitsStage:
         self._managed_keys: list[Policy] = []  # from keys created through /api/temporary-keys/
         self.store = PolicyStore(redis_url, self._on_created)
         self.set_policies(policies)
+        metrics.track_sizes("limits", self.sizes)
+
+    def sizes(self) -> dict[str, int]:
+        sizes = {"customers": len(self._customers), "alerted": len(self._alerted), "pending": len(self._tasks)}
+        if isinstance(self.counters, MemoryCounters):
+            sizes["counters"] = len(self.counters)
+        return sizes
 
     def _on_created(self, created: list[Policy]) -> None:
         self._created = created

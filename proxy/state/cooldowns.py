@@ -47,6 +47,9 @@ class Cooldowns:
         self._redis: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    def sizes(self) -> dict[str, int]:
+        return {"cooling": len(self._until), "failures": len(self._failures)}
+
     # -- the request path: memory only -------------------------------------------------
 
     def until(self, key: str) -> float:

@@ -303,6 +303,10 @@ class RedisClients:
             client = self._clients[url] = RedisClient(url)
         return client
 
+    def sizes(self) -> dict[str, int]:
+        awaiting = sum(len(c._connection.waiting) for c in self._clients.values() if c._connection is not None)
+        return {"clients": len(self._clients), "awaiting_replies": awaiting}
+
     async def close(self) -> None:
         for client in self._clients.values():
             await client.close()
