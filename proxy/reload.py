@@ -28,13 +28,11 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import yaml
 
-from proxy.settings import ConfigError, Settings, embedded_defaults, load_settings, parse_settings
+from proxy.settings import ConfigError, Settings, embedded_defaults, load_settings, parse_text, read_text
 
 if TYPE_CHECKING:
     from starlette.routing import Route
@@ -74,25 +72,6 @@ def fingerprint(text: str) -> str:
 
 def defaults_fingerprint() -> str:
     return fingerprint(orjson.dumps(embedded_defaults(), option=orjson.OPT_SORT_KEYS).decode())
-
-
-def read_text(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-
-
-def parse_text(text: str, source: str, env: dict[str, str] | None = None) -> Settings:
-    """A config file's text, as `load_settings` reads it from the file `source` (errors name it;
-    ${VAR}s come from the environment, relative paths stay relative to the working directory)."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(f"{source}: {where}invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_settings(raw, source, env)
 
 
 def validate(text: str, source: str) -> Settings:

@@ -397,11 +397,19 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str
     """Read a config file, or the embedded defaults when `path` is None."""
     if path is None:
         return parse_settings(embedded_defaults(), "<embedded defaults>", env)
-    source = str(path)
+    return parse_text(read_text(path), str(path), env)
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def parse_text(text: str, source: str, env: dict[str, str] | None = None) -> Settings:
+    """A config file's text, as `load_settings` reads it from the file `source` (errors name it;
+    ${VAR}s come from the environment, relative paths stay relative to the working directory)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
