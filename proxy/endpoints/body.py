@@ -10,10 +10,30 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.call import Call, Reply
 from proxy.errors import BadRequest, PayloadTooLarge, ValidationFailed
-from proxy.params import ParamsError, split_params
+from proxy.params import ParamsError, decode_header, split_params
 
 if TYPE_CHECKING:
     from proxy.gateway import Gateway
+
+
+# Input limits (README "Input limits"). JSON nesting: orjson reads at most 1024 levels but writes at
+# most 254, and the body is written again (upstream, the log record, the cache key) inside a few more
+# levels, so a deeper body would fail later as a 500: refuse it up front.
+MAX_JSON_DEPTH = 128
+MAX_ITEMS = 10_000  # items in any top-level array of a body (`messages`, `input`, `contents`, `tools`, ...)
+DEPTH_ERROR = f"Invalid request format: the JSON nests deeper than {MAX_JSON_DEPTH} levels (the gateway's limit)"
+
+
+def nests_deeper(data: Any, limit: int) -> bool:
+    """Whether `data` has containers more than `limit` levels deep (the top level is 1)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if type(value) is dict else value
+        stack.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    return False
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
@@ -22,9 +42,17 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):
+            raise BadRequest(DEPTH_ERROR) from None
         raise BadRequest(f"Invalid request format: the body is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise BadRequest(f"Invalid request format: expected a JSON object, got {type(data).__name__}")
+    # every container opens with [ or {: a body with fewer of them than the limit cannot nest deeper
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and nests_deeper(data, MAX_JSON_DEPTH):
+        raise BadRequest(DEPTH_ERROR)
+    for field, value in data.items():
+        if type(value) is list and len(value) > MAX_ITEMS:
+            raise ValidationFailed(field, f"At most {MAX_ITEMS} items (the gateway's limit), got {len(value)}")
     return data
 
 
@@ -53,12 +81,13 @@ def split_gateway_params(call: Call, body: dict[str, Any]) -> None:
     """Split the gateway params (body fields and the params headers) off `body` into call.params,
     and set call.body and call.model. The same for every endpoint."""
     headers = call.headers
+    header_params = headers.get("x-data-respan-params") or headers.get("x-data-keywordsai-params")
     try:
-        call.params = split_params(
-            body,
-            headers.get("x-data-respan-params") or headers.get("x-data-keywordsai-params"),
-            headers.get("x-respan-customer-identifier"),
-        )
+        if header_params and nests_deeper(decode_header(header_params), MAX_JSON_DEPTH):
+            # as for the body: values nested deeper fail later, when written back as JSON
+            raise ParamsError("X-Data-Respan-Params",
+                              f"the JSON nests deeper than {MAX_JSON_DEPTH} levels (the gateway's limit)")
+        call.params = split_params(body, header_params, headers.get("x-respan-customer-identifier"))
     except ParamsError as exc:
         raise ValidationFailed(exc.field, exc.message) from None
     call.body = body

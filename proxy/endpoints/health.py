@@ -1,12 +1,14 @@
-"""GET /api/health-check/ (liveness, no auth), GET /api/ready/ (readiness, no auth) and GET /metrics
-(Prometheus)."""
+"""GET /api/health-check/ (liveness, no auth), GET /api/ready/ (readiness, no auth), GET /metrics
+(Prometheus) and GET /openapi.json (the OpenAPI document, no auth)."""
 
 from __future__ import annotations
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy import openapi
 from proxy.gateway import Gateway
 from proxy.readiness import Readiness
 
@@ -26,7 +28,13 @@ def routes(gateway: Gateway) -> list[Route]:
         body, content_type = gateway.metrics.render()
         return Response(body, media_type=content_type)
 
+    spec = orjson.dumps(openapi.document())
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(spec, media_type="application/json")
+
     return [
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/api/health-check/", health, methods=["GET"]),
         Route("/api/health-check", health, methods=["GET"]),
         Route("/api/ready/", ready, methods=["GET"]),
