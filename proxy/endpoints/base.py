@@ -62,11 +62,31 @@ class Endpoint(abc.ABC):
             logger.exception("unhandled error reading request %s", call.id)
             await self.send_whole(call, gateway.reject(call, InternalError()), send)
             return
-        reply = await gateway.handle(call)
+        # a client that leaves while the pipeline waits (upstream, back-off, fallbacks) cancels it at once: the
+        # provider request is closed and the Call logged as 499, not held until the read timeout
+        watch = _ClientWatch(receive, asyncio.current_task())
+        try:
+            reply = await gateway.handle(call)
+        except asyncio.CancelledError:
+            if not watch.disconnected:
+                watch.stop()
+                raise
+            watch.task.uncancel()  # type: ignore[union-attr]
+            if not call.finished:  # handle() was cancelled inside the pipeline: it neither counted nor logged
+                call.status_code, call.error = 499, CLIENT_GONE
+                gateway.metrics.in_flight_now -= 1
+                gateway.finish(call)
+            return
         if reply.stream is None:
-            await self.send_whole(call, reply, send)
+            watch.stop()
+            try:
+                await self.send_whole(call, reply, send)
+            except asyncio.CancelledError:  # the client left as the answer was ready: it was logged already
+                if not watch.disconnected:
+                    raise
+                watch.task.uncancel()  # type: ignore[union-attr]
         else:
-            await self.send_stream(call, reply, receive, send)
+            await self.send_stream(call, reply, watch, send)
 
     def endpoint_for(self, path: str) -> str:
         return self.endpoint
@@ -93,25 +113,18 @@ class Endpoint(abc.ABC):
         assert reply.stream is not None
         return self.gateway.relay(call, reply.stream), "text/event-stream"
 
-    async def send_stream(self, call: Call, reply: Reply, receive: Receive, send: Send) -> None:
+    async def send_stream(self, call: Call, reply: Reply, watch: _ClientWatch, send: Send) -> None:
         """Relay chunk by chunk. A client that leaves cancels the relay at once, wherever it waits."""
         relay, media_type = self.relay(call, reply)
         raw = self.gateway.response_headers(call, reply, media_type)
         raw.extend(STREAM_HEADERS)
-        task = asyncio.current_task()
-        disconnected = False
-
-        async def watch_disconnect() -> None:
-            nonlocal disconnected
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    disconnected = True
-                    if task is not None:
-                        task.cancel()
-                    return
-
-        watcher = asyncio.ensure_future(watch_disconnect())
+        task = watch.task
+        if watch.disconnected:  # gone just as the pipeline returned: the relay never starts
+            watch.stop()
+            await _close(relay)
+            self.gateway.relay_abandoned(call)
+            await _close(reply.stream)
+            return
         streams = self.gateway.streams
         if task is not None:
             streams.add(task)
@@ -125,15 +138,15 @@ class Endpoint(abc.ABC):
                 ended = self.is_last(call, data)
                 await send({"type": "http.response.body", "body": data, "more_body": not ended})
                 if ended:  # the client has its whole answer: its leaving now is no disconnect
-                    watcher.cancel()
+                    watch.stop()
             if not ended:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError as exc:
-            if task is not None and (disconnected or SHUTDOWN in exc.args):
+            if task is not None and (watch.disconnected or SHUTDOWN in exc.args):
                 task.uncancel()
             else:
                 raise
-            if not disconnected:  # the shutdown deadline passed: say so, then end the stream
+            if not watch.disconnected:  # the shutdown deadline passed: say so, then end the stream
                 event = self.shutdown_event()
                 with contextlib.suppress(OSError):
                     await send({"type": "http.response.body", "body": event, "more_body": False})
@@ -141,11 +154,38 @@ class Endpoint(abc.ABC):
             pass
         finally:
             streams.discard(task)  # type: ignore[arg-type]
-            watcher.cancel()
+            watch.stop()
             await _close(relay)
             # a relay that never started has not run its cleanup: the Call is still unlogged
             self.gateway.relay_abandoned(call)
             await _close(reply.stream)
+
+
+CLIENT_GONE = "client disconnected before the answer"
+
+
+class _ClientWatch:
+    """Waits for the client's http.disconnect for the whole request and cancels `task` when it comes (once the
+    body is read, the only message left to receive)."""
+
+    __slots__ = ("disconnected", "task", "_watcher")
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any] | None) -> None:
+        self.disconnected = False
+        self.task = task
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                if self.task is not None:
+                    self.task.cancel()
+                return
+
+    def stop(self) -> None:
+        self._watcher.cancel()
 
 
 async def _close(relay: Any) -> None:

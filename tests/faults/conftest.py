@@ -31,12 +31,15 @@ class _NoMock:
 
 
 def fault_config(fault: FaultUpstream, workdir: Path, **overrides: Any) -> dict[str, Any]:
-    """base_config plus two providers on the fault upstream (fault-a, fault-b: one deployment each) and two priced
+    """base_config plus providers on the fault upstream (fault-a, fault-b: short timeouts; fault-patient: 30 s)
+    and two priced
     models; cooldowns off unless a test asks (the scenarios of a module share those deployments)."""
     config = base_config(_NoMock(),  # type: ignore[arg-type]
                           workdir, extra_providers=[
         {"id": "fault-a", "protocol": "openai", "base_url": fault.base_url, "api_key": "key-a", "timeouts": TIMEOUTS},
         {"id": "fault-b", "protocol": "openai", "base_url": fault.base_url, "api_key": "key-b", "timeouts": TIMEOUTS},
+        {"id": "fault-patient", "protocol": "openai", "base_url": fault.base_url, "api_key": "key-p",
+         "timeouts": {"connect": 1, "read": 30, "stream_idle": 30}},
     ], extra_models=[
         {"name": "priced-a", "provider": "fault-a", "model": "priced-a", "prices": PRICES_A},
         {"name": "priced-b", "provider": "fault-b", "model": "priced-b", "prices": PRICES_B},

@@ -15,7 +15,7 @@ import redis
 
 from tests.conftest import ADMIN_KEY, ADMIN_KEYS, REDIS_URL, metric, openai_client
 from tests.faults.conftest import AUTH, HI, sse_events, stream, unique
-from tests.faults.fault_upstream import chunk_event, http_chunk, words_events
+from tests.faults.fault_upstream import chunk_event, fail, http_chunk, words_events
 from tests.faults.fault_upstream import stream as sse
 
 WORDS = [" one", " two", " three", " four", " five", " six"]
@@ -172,3 +172,40 @@ def test_client_disconnect_mid_stream_closes_upstream_logs_499_and_reconciles_li
     finally:
         for key in counter.scan_iter(match=f"*{policy}*"):
             counter.delete(key)
+
+
+@pytest.mark.parametrize("stream_request", [False, True])
+def test_client_gone_while_the_gateway_waits_is_a_499_and_the_upstream_is_closed_at_once(gw, fault, stream_request):
+    """Regression: the client's leaving was watched only once a stream had started, so a client that gave up on a
+    slow answer (whole, or a stream before its first byte) left the provider request open until the read timeout
+    (600 s by default), then logged a 504."""
+    model = unique("gone")
+    fault.default(model, lambda n: [("hang",)])
+    before = metric(gw.url, "llmrelay_requests_total", provider="fault-patient", status="499")
+    with pytest.raises(httpx.ReadTimeout), httpx.stream(
+            "POST", f"{gw.url}/api/chat/completions", headers=AUTH, timeout=0.5,
+            json={"model": f"fault-patient/{model}", "messages": HI, "stream": stream_request}) as response:
+        response.read()
+    left = time.monotonic()
+    deadline = left + 10
+    while not fault.closed(model) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fault.closed(model) and fault.closed(model)[0] - left < 5  # not the 30 s read timeout
+    record = gw.records(where="model_requested = ?", args=(f"fault-patient/{model}",))[0]
+    assert record["status_code"] == 499 and record["error_message"] == "client disconnected before the answer"
+    assert record["stream"] is stream_request
+    assert metric(gw.url, "llmrelay_requests_total", provider="fault-patient", status="499") - before == 1
+    assert metric(gw.url, "llmrelay_in_flight_requests") == 0
+
+
+def test_client_gone_during_a_retry_back_off_stops_the_retries(gw, fault):
+    model = unique("backoff")
+    fault.default(model, lambda n: fail(429, "wait", headers={"retry-after": "3"}))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gw.url}/api/chat/completions", headers=AUTH, timeout=0.5,
+                   json={"model": f"fault-patient/{model}", "messages": HI,
+                         "retry_params": {"num_retries": 3, "retry_after": 0.1}})
+    record = gw.records(where="model_requested = ?", args=(f"fault-patient/{model}",))[0]
+    assert record["status_code"] == 499
+    time.sleep(3.5)  # past the Retry-After: no retry went out for a client that is gone
+    assert fault.count(model) == 1
