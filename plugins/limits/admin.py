@@ -21,6 +21,7 @@ from starlette.routing import Route
 from plugins.limits.policy import ORGANIZATION, counter_key, parse_policy
 from plugins.limits.windows import bounds
 from proxy.admin import AdminGuard, error_response, json_response, read_json, read_object
+from proxy.alerts import _origin
 
 if TYPE_CHECKING:
     from plugins.limits import LimitsStage
@@ -36,7 +37,13 @@ def admin_routes(stage: LimitsStage, guard: AdminGuard) -> list[Route]:
         return None
 
     def shown(policy: Any, source: str) -> dict[str, Any]:
-        return {**msgspec.to_builtins(policy), "source": source}
+        data = {**msgspec.to_builtins(policy), "source": source}
+        # Slack URLs, webhook URLs and signing secrets are credentials: shown as origins and <hidden>
+        notify = data.get("notify") or {}
+        notify["slack_webhook_urls"] = [f"{_origin(u)}/<hidden>" for u in notify.get("slack_webhook_urls", [])]
+        notify["webhooks"] = [{"url": f"{_origin(w['url'])}/<hidden>", "secret": "<hidden>"}
+                              for w in notify.get("webhooks", [])]
+        return data
 
     async def list_policies(request: Request) -> Response:
         rows = [shown(p, "key" if p.name.startswith("key.") else "config") for p in stage.configured]
