@@ -35,6 +35,7 @@ from proxy.call import Reply
 from proxy.keys import hash_key
 from proxy.redact import REDACTED, scrub_reply, secrets_of
 from tests.conftest import GatewayProcess, base_config, free_port, wait_until
+from tests.mock_anthropic import MockAnthropic
 from tests.mock_server import MockServer
 from tests.mock_upstream import MockUpstream
 
@@ -44,6 +45,7 @@ ENV_PROVIDER_KEY = "sk-CANARY-envprov-51be02d7aa"
 DEPLOY_KEY_A = "sk-CANARY-deploy-a-7c3d19e0"
 DEPLOY_KEY_B = "sk-CANARY-deploy-b-2a8f64b1"
 ECHO_KEY = "sk-CANARY-echo-prov-64d0f1a9"
+ANTHROPIC_KEY = "sk-ant-CANARY-anthropic-4e6a8c0b"
 GATEWAY_KEY = "sk-CANARY-gateway-c19a7e55f0"
 ADMIN_KEY = "sk-CANARY-admin-0d7b3e91c6"
 WRONG_KEY = "sk-CANARY-wrong-e3a1c2b4d5"
@@ -130,6 +132,13 @@ def echo() -> Iterator[EchoUpstream]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def amock() -> Iterator[MockAnthropic]:
+    server = MockAnthropic().start()
+    yield server
+    server.stop()
+
+
 class Seen:
     """Every response the tests received: status, headers and body, for the grep."""
 
@@ -160,7 +169,7 @@ def chat(seen: Seen, gw: GatewayProcess, model: str, key: str = GATEWAY_KEY, hea
     return seen.request("POST", f"{gw.url}/api/chat/completions", key, body, headers)
 
 
-def main_config(mock: MockUpstream, echo: EchoUpstream, workdir: Path) -> dict[str, Any]:
+def main_config(mock: MockUpstream, echo: EchoUpstream, amock: MockAnthropic, workdir: Path) -> dict[str, Any]:
     dead = f"127.0.0.1:{closed_port()}"
     config = base_config(
         mock, workdir,
@@ -169,6 +178,7 @@ def main_config(mock: MockUpstream, echo: EchoUpstream, workdir: Path) -> dict[s
             {"id": "echo", "protocol": "openai", "base_url": echo.base_url + "/v1", "api_key": ECHO_KEY},
             {"id": "deployed", "protocol": "openai", "base_url": echo.base_url + "/v1",
              "deployments": [{"name": "dep-a", "api_key": DEPLOY_KEY_A}, {"name": "dep-b", "api_key": DEPLOY_KEY_B}]},
+            {"id": "anthropic", "protocol": "anthropic", "base_url": amock.base_url, "api_key": ANTHROPIC_KEY},
         ],
         extra_models=[
             {"name": "leak-ok", "provider": "mock", "model": "mock-ok"},
@@ -200,15 +210,15 @@ def main_config(mock: MockUpstream, echo: EchoUpstream, workdir: Path) -> dict[s
 
 
 @pytest.fixture(scope="module")
-def run(mock_upstream: MockUpstream, echo: EchoUpstream,
+def run(mock_upstream: MockUpstream, echo: EchoUpstream, amock: MockAnthropic,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The main gateway, driven through every kind of request; yields what the checks need."""
     workdir = tmp_path_factory.mktemp("secrets")
-    gw = GatewayProcess(main_config(mock_upstream, echo, workdir), workdir, env={"LEAK_ENV_KEY": ENV_PROVIDER_KEY})
+    gw = GatewayProcess(main_config(mock_upstream, echo, amock, workdir), workdir, env={"LEAK_ENV_KEY": ENV_PROVIDER_KEY})
     gw.start()
     seen = Seen()
     try:
-        yield {"gw": gw, "seen": seen, **drive(gw, seen, echo)}
+        yield {"gw": gw, "seen": seen, "upstreams": [mock_upstream, echo, amock], **drive(gw, seen, echo)}
     finally:
         gw.stop()
 
@@ -297,6 +307,16 @@ def drive(gw: GatewayProcess, seen: Seen, echo: EchoUpstream) -> dict[str, Any]:
     seen.request("GET", f"{url}/api/users/", ADMIN_KEY)
     seen.request("GET", f"{url}/api/users/leak-cust/", ADMIN_KEY)
     seen.request("GET", f"{url}/api/limits/", ADMIN_KEY)
+    # Anthropic: the native passthrough (the gateway key as x-api-key) and chat, answers and errors
+    native = {"max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    amsg = f"{url}/api/anthropic/v1/messages"
+    anthropic_headers = {"x-api-key": GATEWAY_KEY, "anthropic-version": "2023-06-01"}
+    assert seen.request("POST", amsg, None, {"model": "anthropic/claude-sonnet-4-5", **native},
+                        anthropic_headers).status_code == 200
+    seen.request("POST", amsg, None, {"model": "anthropic/claude-status-401", "stream": True, **native},
+                 anthropic_headers)
+    chat(seen, gw, "anthropic/claude-sonnet-4-5", stream=True)
+    chat(seen, gw, "anthropic/claude-status-500")
     # ingestion with the gateway key (a log made elsewhere)
     seen.request("POST", f"{url}/api/request-logs/", GATEWAY_KEY, {
         "model": "gpt-4o-mini", "customer_identifier": "ingested", "input": [{"role": "user", "content": "hi"}],
@@ -514,3 +534,14 @@ def test_scrub_reply_headers_body_and_stream() -> None:
         return b"".join([c async for c in streamed.stream])  # type: ignore[union-attr]
 
     assert ECHO_KEY.encode() not in asyncio.run(read())
+
+
+def test_gateway_and_admin_keys_never_reach_a_provider(run: dict[str, Any]) -> None:
+    """Providers are third parties: the client's gateway key (Authorization or x-api-key, also on the
+    Anthropic passthrough), the admin key and temporary keys are never forwarded upstream."""
+    sent = [r for upstream in run["upstreams"] for r in list(upstream.requests)]
+    assert len(sent) > 20
+    found = leaks(json.dumps([[r["path"], r["headers"], r["body"]] for r in sent]),
+                  [GATEWAY_KEY, ADMIN_KEY, WRONG_KEY, run["temp_key"]])
+    assert not found, found
+    assert any(r["headers"].get("x-api-key") == ANTHROPIC_KEY for r in run["upstreams"][2].requests)
