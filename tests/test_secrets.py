@@ -38,6 +38,7 @@ from tests.conftest import GatewayProcess, base_config, free_port, wait_until
 from tests.mock_anthropic import MockAnthropic
 from tests.mock_server import MockServer
 from tests.mock_upstream import MockUpstream
+from tests.test_otel import Collector, otel_stage
 
 # the planted secrets: distinctive, so a hit names what leaked
 PROVIDER_KEY = "sk-CANARY-provider-9f2e71c3a4"
@@ -62,6 +63,7 @@ HTTP_SINK_KEY = "sk-CANARY-httpsink-9d1b3f5e"
 HOOK_SECRET = "CANARY-hook-secret-6f0a2c4e"
 SLACK_TOKEN = "CANARYslacktoken3b5d7f9a"
 SMTP_PASSWORD = "CANARYsmtppw1e3c5a7b"
+OTLP_HEADER_SECRET = "CANARY-otlp-header-7a9c1e3f"
 
 SECRETS = [v for k, v in dict(globals()).items() if isinstance(v, str) and "CANARY" in v and k.isupper()]
 
@@ -133,6 +135,13 @@ def echo() -> Iterator[EchoUpstream]:
 
 
 @pytest.fixture(scope="module")
+def collector() -> Iterator[Collector]:
+    server = Collector().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def amock() -> Iterator[MockAnthropic]:
     server = MockAnthropic().start()
     yield server
@@ -169,7 +178,8 @@ def chat(seen: Seen, gw: GatewayProcess, model: str, key: str = GATEWAY_KEY, hea
     return seen.request("POST", f"{gw.url}/api/chat/completions", key, body, headers)
 
 
-def main_config(mock: MockUpstream, echo: EchoUpstream, amock: MockAnthropic, workdir: Path) -> dict[str, Any]:
+def main_config(mock: MockUpstream, echo: EchoUpstream, amock: MockAnthropic, collector: Collector,
+                workdir: Path) -> dict[str, Any]:
     dead = f"127.0.0.1:{closed_port()}"
     config = base_config(
         mock, workdir,
@@ -195,7 +205,8 @@ def main_config(mock: MockUpstream, echo: EchoUpstream, amock: MockAnthropic, wo
         alerts={"smtp": {"host": "127.0.0.1", "port": closed_port(), "username": "alerts",
                          "password": SMTP_PASSWORD, "from_address": "llmrelay@example.com"},
                 "retries": 1, "backoff": 0.05, "timeout": 1},
-        pipeline=["auth", {"name": "limits", "options": {"policies": [{
+        pipeline=["auth", otel_stage(collector, capture_content=True, headers={"authorization": OTLP_HEADER_SECRET}),
+                  {"name": "limits", "options": {"policies": [{
             "name": "canary-customer", "scope": "customer", "scope_id": "leak-cust", "metric": "requests",
             "window": "day", "warn_threshold": 1, "block_threshold": 2,
             "notify": {"slack_webhook_urls": [f"http://{dead}/services/T0/B0/{SLACK_TOKEN}"],
@@ -210,15 +221,15 @@ def main_config(mock: MockUpstream, echo: EchoUpstream, amock: MockAnthropic, wo
 
 
 @pytest.fixture(scope="module")
-def run(mock_upstream: MockUpstream, echo: EchoUpstream, amock: MockAnthropic,
+def run(mock_upstream: MockUpstream, echo: EchoUpstream, amock: MockAnthropic, collector: Collector,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The main gateway, driven through every kind of request; yields what the checks need."""
     workdir = tmp_path_factory.mktemp("secrets")
-    gw = GatewayProcess(main_config(mock_upstream, echo, amock, workdir), workdir, env={"LEAK_ENV_KEY": ENV_PROVIDER_KEY})
+    gw = GatewayProcess(main_config(mock_upstream, echo, amock, collector, workdir), workdir, env={"LEAK_ENV_KEY": ENV_PROVIDER_KEY})
     gw.start()
     seen = Seen()
     try:
-        yield {"gw": gw, "seen": seen, "upstreams": [mock_upstream, echo, amock], **drive(gw, seen, echo)}
+        yield {"gw": gw, "seen": seen, "upstreams": [mock_upstream, echo, amock], "collector": collector, **drive(gw, seen, echo)}
     finally:
         gw.stop()
 
@@ -365,6 +376,9 @@ def test_no_secret_in_any_output(run: dict[str, Any]) -> None:
     assert len(gw.records(count=35, timeout=10)) >= 35, len(gw.records())
     time.sleep(1.5)  # the alert deliveries fail and log; the log writer flushes
     outputs = collect(gw, seen)
+    assert run["collector"].bodies, "no OpenTelemetry spans exported"
+    for i, body in enumerate(list(run["collector"].bodies)):  # OTLP protobuf: strings are raw UTF-8
+        outputs[f"otlp export {i}"] = body.decode("utf-8", "replace")
     assert any(k.startswith("sqlite") for k in outputs) and "file logs.jsonl" in outputs
     assert "file gateway.out" in outputs
     secrets = [*SECRETS, run["temp_key"]]
