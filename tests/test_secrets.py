@@ -20,6 +20,8 @@ import inspect
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -559,3 +561,21 @@ def test_gateway_and_admin_keys_never_reach_a_provider(run: dict[str, Any]) -> N
                   [GATEWAY_KEY, ADMIN_KEY, WRONG_KEY, run["temp_key"]])
     assert not found, found
     assert any(r["headers"].get("x-api-key") == ANTHROPIC_KEY for r in run["upstreams"][2].requests)
+
+
+@pytest.mark.parametrize("config", [
+    {"keys": [{"name": "pasted", "key_hash": GATEWAY_KEY}]},  # a plaintext key pasted where its hash goes
+    {"admin_keys": [{"name": "pasted", "key_hash": ADMIN_KEY}]},
+    {"providers": [{"id": "x", "base_url": f"http://u:{REDIS_PASSWORD}@127.0.0.1/v1", "api_key": PROVIDER_KEY}]},
+    {"providers": [{"id": "x", "base_url": "http://127.0.0.1/v1", "api_key": PROVIDER_KEY, "bogus": 1}]},
+    {"logs": {"sinks": [{"type": "postgres", "dsn": f"mysql://u:{PG_SINK_PASSWORD}@h/db"}]}},
+    {"state": {"counters": {"backend": "redis", "url": f"redis://:{REDIS_PASSWORD}@h:notaport/0"}}},
+])
+def test_config_errors_name_no_secret(config: dict[str, Any], tmp_path: Path) -> None:
+    """A config the gateway refuses is reported by field path, never by the secret value in it."""
+    path = tmp_path / "llmrelay.yaml"
+    path.write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(path)], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode != 0 and "$." in done.stdout + done.stderr, done
+    assert not leaks(done.stdout + done.stderr)
