@@ -16,7 +16,13 @@ MIN_SECRET = 8  # shorter "keys" (placeholders such as "none" or "x") would mang
 
 def secrets_of(*keys: str | None) -> tuple[str, ...]:
     """The keys worth scrubbing, longest first (so one that contains another goes whole)."""
-    return tuple(sorted({k for k in keys if k and len(k) >= MIN_SECRET}, key=len, reverse=True))
+    found: list[str] = []
+    for key in keys:
+        if key and len(key) >= MIN_SECRET and key not in found:
+            found.append(key)
+    if len(found) > 1:
+        found.sort(key=len, reverse=True)
+    return tuple(found)
 
 
 def scrub_text(text: str, secrets: Iterable[str]) -> str:
@@ -38,8 +44,9 @@ def scrub_reply(reply: Reply, secrets: tuple[str, ...]) -> Reply:
     if not secrets:
         return reply
     raw = [s.encode() for s in secrets]
-    if reply.headers:
-        reply.headers = {name: scrub_text(value, secrets) for name, value in reply.headers.items()}
+    headers = reply.headers
+    if headers and any(secret in value for value in headers.values() for secret in secrets):
+        reply.headers = {name: scrub_text(value, secrets) for name, value in headers.items()}
     if reply.body:
         reply.body = scrub_bytes(reply.body, raw)
     if reply.stream is not None:
