@@ -39,6 +39,7 @@ HEADER = "x-llmrelay-cache"
 CACHEABLE = frozenset({"chat", "embeddings", "responses", "anthropic.messages", "gemini.generateContent",
                        "gemini.streamGenerateContent", "gemini.embedContent", "gemini.batchEmbedContents"})
 THIRTY_DAYS = 30 * 24 * 3600.0
+RETRY_BACKEND = 1.0  # seconds a cache backend that failed is not asked again (as the limits stage does)
 NO_OPTIONS = CacheOptions()
 
 
@@ -78,6 +79,7 @@ class CacheStage:
         self.hits = metrics.cache_lookups.labels("hit")
         self.misses = metrics.cache_lookups.labels("miss")
         self._tasks: set[asyncio.Future[Any]] = set()  # stores on their way
+        self._down_until = 0.0  # after a failed lookup: every request until then is a miss at once
         metrics.track_sizes("cache", self.sizes)
 
     def sizes(self) -> dict[str, int]:
@@ -115,11 +117,14 @@ class CacheStage:
     async def cached(self, call: Call, next: Next) -> Reply:
         settings = self.settings_for(call)
         key = cache_key(call, by_model=settings.by_model, by_customer=settings.by_customer)
-        try:
-            entry = await self.store.get(key)
-        except Exception as exc:  # a cache that is down is a miss, never a failed request
-            log.warning("cache lookup failed (%s: %s): treated as a miss", type(exc).__name__, exc)
-            entry = None
+        entry = None
+        if time.monotonic() >= self._down_until:  # a backend that just failed is not waited on again
+            try:
+                entry = await self.store.get(key)
+            except Exception as exc:  # a cache that is down is a miss, never a failed request
+                self._down_until = time.monotonic() + RETRY_BACKEND
+                log.warning("cache lookup failed (%s: %s): treated as a miss for %.0f s", type(exc).__name__, exc,
+                            RETRY_BACKEND)
         if entry is not None and call.gates:
             await call.ready()  # a refused request is not answered, not even from the cache
         reply = self.replay(call, entry, settings) if entry is not None else None
@@ -184,7 +189,7 @@ class CacheStage:
                 await aclose()
 
     def _store(self, call: Call, key: str, kind: str, body: bytes, settings: Settings) -> None:
-        if call.status_code != 200 or call.error is not None or not body:
+        if call.status_code != 200 or call.error is not None or not body or time.monotonic() < self._down_until:
             return
         now = time.time()
         target = call.target

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -181,3 +182,34 @@ def test_log_spool_on_a_full_disk_counts_errors_and_the_requests_still_answer(st
     assert wait_until(lambda: "log spool write failed" in gw.output.read_text(), 5)
     line = next(x for x in gw.output.read_text().splitlines() if "log spool write failed" in x)
     assert str(full_disk / "spool") in line and "lost" in line and "No space left on device" in line
+
+
+def test_a_redis_that_accepts_but_never_answers_costs_one_timeout_not_one_per_request(start_fault_gateway, fault):
+    """Regression: the cache asked a dead Redis on every request (0.5 s each) while the limits stage had already
+    stopped asking for a second; a black-holed Redis (a partition: connections open, nothing comes back) added
+    0.5 s to every cached request."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(100)  # the kernel completes the handshakes; nothing is ever read or answered
+    try:
+        url = f"redis://127.0.0.1:{hole.getsockname()[1]}/0"
+        gw = start_fault_gateway(
+            pipeline=["auth", {"name": "limits", "options": {"policies": [
+                {"name": "hole", "scope": "api_key", "metric": "requests", "window": "minute",
+                 "block_threshold": 100}]}}, "cache", "routing", "credentials", "fallback"],
+            state={"counters": {"backend": "redis", "url": url}, "cache": {"backend": "redis", "url": url}})
+        model = unique("hole")
+        fault.default(model, lambda n: ok(model))
+        assert chat(gw, f"fault-a/{model}", cache_enabled=True).status_code == 200  # pays the timeout once
+        started = time.monotonic()
+        replies = [chat(gw, f"fault-a/{model}", cache_enabled=True) for _ in range(5)]
+        elapsed = time.monotonic() - started
+        assert [r.status_code for r in replies] == [200] * 5
+        assert {r.headers["x-llmrelay-cache"] for r in replies} == {"miss"}
+        assert elapsed < 2.0  # five lookups at 0.5 s each would be 2.5 s
+        record = gw.record(replies[-1].headers["x-respan-log-id"])
+        assert COUNTER_WARNING in record["warnings"]
+        assert metric(gw.url, "llmrelay_cache_lookups_total", result="miss") == 6
+        assert "cache lookup failed" in gw.output.read_text()
+    finally:
+        hole.close()
