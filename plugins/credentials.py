@@ -21,6 +21,10 @@ Levels 1 to 4 are the caller's own credentials (`custom_credential=True`). Such 
 self-contained: its `api_key` (or none) goes with it, never the gateway's configured key, even
 when it names its own base URL. The fallback stage walks the resulting plan in order.
 
+Every base URL here is the caller's, never the operator's: it must pass the egress policy
+(proxy/egress.py) when the request arrives (a 422 naming e.g. `customer_credentials.openai.api_base`)
+and again when its connection opens (Target.egress names the field).
+
 Secrets go only into `Target.api_key` (and `Target.credentials`, the credential's provider
 fields for adapters that need e.g. `api_version`); deployment names and errors never hold one.
 """
@@ -36,6 +40,7 @@ from typing import Any
 import msgspec
 
 from proxy.call import Call, Reply, Target
+from proxy.egress import EgressPolicy
 from proxy.errors import NotFound, ValidationFailed
 from proxy.params import GatewayParams
 from proxy.pipeline import Next, StageContext
@@ -63,12 +68,13 @@ API_KEYS = "customer_api_keys"
 class Credential:
     """One credential from the request (or a load-balance entry), validated."""
 
-    __slots__ = ("name", "api_key", "base_url", "fields", "weight", "available", "exclude")
+    __slots__ = ("name", "api_key", "base_url", "fields", "weight", "available", "exclude", "url_field")
 
     def __init__(self, name: str, api_key: str | None, base_url: str | None, fields: dict[str, Any],
                  weight: float = 1.0, available: frozenset[str] | None = None,
-                 exclude: frozenset[str] = frozenset()) -> None:
+                 exclude: frozenset[str] = frozenset(), url_field: str | None = None) -> None:
         self.name = name  # the deployment name: never holds a secret
+        self.url_field = url_field  # the field base_url came from, e.g. customer_credentials.openai.api_base
         self.api_key = api_key
         self.base_url = base_url
         self.fields = fields
@@ -164,7 +170,11 @@ def parse_credential(value: Any, path: str, name: str, weight: float = 1.0,
         not isinstance(api_key, str) or not api_key.strip() or any(c in api_key for c in _HEADER_UNSAFE)
     ):
         raise ValidationFailed(f"{path}.api_key", "expected a non-empty string without line breaks")
-    base_url = None
+    for field, field_value in value.items():  # all of them end up in headers, query strings or URLs
+        if (isinstance(field_value, str) and field != "vertex_ai_credentials"  # JSON text: line breaks are fine
+                and any(c < " " or c == "\x7f" for c in field_value)):
+            raise ValidationFailed(f"{path}.{field}", "may not contain CR, LF, NUL or other control characters")
+    base_url = url_field = None
     for field in URL_FIELDS:
         url = value.get(field)
         if url is None:
@@ -172,8 +182,8 @@ def parse_credential(value: Any, path: str, name: str, weight: float = 1.0,
         if not _is_url(url):
             raise ValidationFailed(f"{path}.{field}", "expected an http:// or https:// URL without user info")
         if base_url is None:
-            base_url = url
-    return Credential(name, api_key, base_url, value, weight, available, exclude)
+            base_url, url_field = url, f"{path}.{field}"
+    return Credential(name, api_key, base_url, value, weight, available, exclude, url_field)
 
 
 def _weight(value: Any, path: str) -> float:
@@ -209,6 +219,8 @@ class CredentialsStage:
         self.models = context.models
         self.cooldowns = context.services.get("cooldowns")
         self.random = random.random
+        egress = context.settings.egress
+        self.egress = EgressPolicy(egress.allow, egress.deny)
         self.base_urls: dict[str, str] = {p.id: p.base_url for p in context.settings.providers}
         self.providers: dict[str, ProviderDeployments] = {
             p.id: ProviderDeployments(p)
@@ -253,7 +265,14 @@ class CredentialsStage:
                 if not isinstance(key, str) or not key.strip() or any(c in key for c in _HEADER_UNSAFE):
                     raise ValidationFailed(f"{API_KEYS}.{model}", "expected a non-empty string without line breaks")
                 api_keys[model] = Credential(API_KEYS, key, None, {"api_key": key})
+        for credential in (*overrides.values(), *(c for cs in customer.values() for c in cs)):
+            self.check_url(credential)
         return RequestCredentials(overrides, customer, api_keys)
+
+    def check_url(self, credential: Credential) -> None:
+        """The egress policy on the caller's base URL, before any connection (a 422 naming the field)."""
+        if credential.base_url is not None and credential.url_field is not None:
+            self.egress.check_url(credential.base_url, credential.url_field)
 
     def parse_customer(self, value: Any) -> dict[str, list[Credential]]:
         out: dict[str, list[Credential]] = {}
@@ -316,7 +335,10 @@ class CredentialsStage:
 
     def custom(self, target: Target, credential: Credential) -> Target:
         """The target with the caller's credential: its key (or none) and its base URL (or the provider's)."""
-        base_url = credential.base_url or self.base_urls.get(target.provider) or target.base_url
+        if credential.base_url:
+            return _replace(target, api_key=credential.api_key, base_url=credential.base_url, deployment=credential.name,
+                            custom_credential=True, credentials=credential.fields, egress=credential.url_field)
+        base_url = self.base_urls.get(target.provider) or target.base_url
         return _replace(target, api_key=credential.api_key, base_url=base_url, deployment=credential.name,
                         custom_credential=True, credentials=credential.fields)
 
@@ -371,7 +393,9 @@ class CredentialsStage:
                     return [self.custom(target, credential)]
         if target.credentials:
             fields = _flat(target.credentials, target.provider, self.provider_id)
-            return [self.custom(target, parse_credential(fields, f"{LOAD_BALANCE}.credentials", LOAD_BALANCE))]
+            credential = parse_credential(fields, f"{LOAD_BALANCE}.credentials", LOAD_BALANCE)
+            self.check_url(credential)
+            return [self.custom(target, credential)]
         if request is not None and request.api_keys:
             credential = request.api_keys.get(target.requested) or request.api_keys.get(target.model)
             if credential is not None:

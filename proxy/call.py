@@ -57,6 +57,7 @@ class Target(msgspec.Struct, kw_only=True, frozen=True):
     credentials: dict[str, Any] | None = None  # a load-balance entry's credentials, for the credentials stage
     group_id: str | None = None  # the load_balance_group that chose it
     context_window: int | None = None  # tokens the model takes, when known
+    egress: str | None = None  # base_url is a tenant's (the field it came from): checked by proxy/egress.py
 
     @property
     def deployment_key(self) -> str:

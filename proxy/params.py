@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import msgspec
 import orjson
 
+from proxy.egress import header_reason
+
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 IDENTIFIER_MAX = 254  # spec 3.7 conflict (120 vs 254): we keep 254 characters and truncate beyond
@@ -192,6 +194,8 @@ def to_params(merged: dict[str, Any]) -> GatewayParams:
         params.metadata = {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in params.metadata.items()}
     if params.extra_headers:
         for name, value in params.extra_headers.items():
-            if any(c in name or c in value for c in "\r\n\0"):
-                raise ParamsError(f"extra_headers.{name.strip()}", "header names and values may not contain CR, LF or NUL")
+            reason = header_reason(name, value)
+            if reason is not None:
+                shown = "".join(c if " " < c < "\x7f" else "?" for c in name)[:100]
+                raise ParamsError(f"extra_headers.{shown}", reason)
     return params

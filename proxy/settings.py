@@ -17,6 +17,7 @@ import yaml
 
 from proxy.alerts import AlertSettings
 from proxy.catalog import load_catalog
+from proxy.egress import EgressPolicy
 from proxy.forwarded import parse_networks
 from proxy.keys import hash_key, is_key_hash
 
@@ -173,6 +174,13 @@ class State(Struct):
     cooldowns: Backend = msgspec.field(default_factory=Backend)
 
 
+class Egress(Struct):
+    """Where tenant-supplied base URLs may connect (proxy/egress.py); config-file providers are trusted."""
+
+    allow: list[str] = msgspec.field(default_factory=list)  # CIDRs / addresses / host names let through the default deny
+    deny: list[str] = msgspec.field(default_factory=list)  # more to refuse; wins over allow
+
+
 class Cooldowns(Struct):
     """When a deployment is taken out of rotation."""
 
@@ -197,6 +205,7 @@ class Settings(Struct):
     state: State = msgspec.field(default_factory=State)
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     cooldowns: Cooldowns = msgspec.field(default_factory=Cooldowns)
+    egress: Egress = msgspec.field(default_factory=Egress)
     # extra model names: alias -> a configured model name, another alias, or a provider/model slug
     aliases: dict[str, str] = msgspec.field(default_factory=dict)
     # enable catalog providers whose API key is in the environment (OPENAI_API_KEY, ...)
@@ -307,6 +316,10 @@ def check(settings: Settings) -> None:
     if settings.server.max_body_bytes < 1024:
         raise ConfigError(f"{src}: $.server.max_body_bytes: expected at least 1024, got {settings.server.max_body_bytes}")
     check_server_edge(settings.server, src)
+    try:
+        EgressPolicy(settings.egress.allow, settings.egress.deny, where="$.egress")
+    except ValueError as exc:
+        raise ConfigError(f"{src}: {exc}") from None
     seen: set[str] = set()
     for i, p in enumerate(settings.providers):
         where = f"{src}: $.providers[{i}]"

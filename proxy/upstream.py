@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import socket
 import ssl
 import time
 import zlib
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from proxy.egress import EgressDenied, EgressPolicy, literal_ip
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 
 # Provider response headers worth handing to the client (rate-limit state, request ids).
@@ -235,9 +237,10 @@ class _Connection(asyncio.Protocol):
 class _Pool:
     """One provider's connections: idle ones per origin (most recently used first), and a cap."""
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, egress: str | None = None) -> None:
         self.idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self.slots = asyncio.Semaphore(max_connections)
+        self.egress = egress  # a tenant's provider (admin API): every connection is checked
 
     def reuse(self, origin: tuple[str, str, int]) -> _Connection | None:
         idle = self.idle.get(origin)
@@ -362,8 +365,10 @@ class UpstreamResponse:
 class UpstreamClient:
     """The pools, one per provider, created lazily on the running event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, egress: EgressPolicy | None = None) -> None:
+        self.egress = egress  # the gateway's policy for tenant-supplied URLs (None: no connect-time check)
         self._pools: dict[str, _Pool] = {}
+        self._tenant_providers: dict[str, str] = {}  # provider id -> the field its base URL came from
         self._heads: dict[str, tuple[tuple[str, str, int], bytes, bytes, str]] = {}
 
     def sizes(self) -> dict[str, int]:
@@ -390,8 +395,33 @@ class UpstreamClient:
             self._heads[url] = found
         return found
 
+    async def _resolve_checked(self, loop: asyncio.AbstractEventLoop, host: str, port: int,
+                               field: str) -> list[str]:
+        """The addresses a tenant URL's host resolves to, all checked by the egress policy (one
+        refused address refuses the host: a rebinding name cannot slip a metadata address in)."""
+        policy = self.egress
+        assert policy is not None
+        by_name = policy.host_allowed_by_name(host)
+        if not by_name:
+            reason = policy.host_reason(host)
+            if reason is not None:
+                raise EgressDenied(field, f"egress policy: {reason}")
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        addresses: list[str] = []
+        for info in infos:
+            address = str(info[4][0])
+            if not by_name:
+                ip = literal_ip(address)
+                reason = policy.address_reason(ip) if ip is not None else "not an IP address"
+                if reason is not None:
+                    shown = "" if literal_ip(host) is not None else f"host {host} resolves to {address}: "
+                    raise EgressDenied(field, f"egress policy: {shown}{reason}")
+            if address not in addresses:
+                addresses.append(address)
+        return addresses
+
     async def _connect(self, origin: tuple[str, str, int], provider: str, where: str,
-                       connect_timeout: float) -> _Connection:
+                       connect_timeout: float, egress: str | None = None) -> _Connection:
         global _TLS
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
@@ -402,8 +432,20 @@ class UpstreamClient:
             tls = _TLS
         try:
             async with asyncio.timeout(connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(loop), host, port, ssl=tls,
-                                                       server_hostname=host if tls else None)
+                if egress is None or self.egress is None:  # the operator's own provider: no check, no cost
+                    _, conn = await loop.create_connection(lambda: _Connection(loop), host, port, ssl=tls,
+                                                           server_hostname=host if tls else None)
+                else:  # connect to the checked address itself; TLS SNI and Host stay the host name
+                    failure: OSError | None = None
+                    for address in await self._resolve_checked(loop, host, port, egress):
+                        try:
+                            _, conn = await loop.create_connection(lambda: _Connection(loop), address, port,
+                                                                   ssl=tls, server_hostname=host if tls else None)
+                            break
+                        except OSError as exc:
+                            failure = exc
+                    else:
+                        raise failure or OSError("no address")
         except TimeoutError:
             raise UpstreamUnavailable(
                 f"Could not connect to provider '{provider}' at {where}: no connection within {connect_timeout:g} s"
@@ -429,10 +471,16 @@ class UpstreamClient:
         read_timeout: float,
         stream: bool,
         max_connections: int = 1000,
+        egress: str | None = None,
     ) -> UpstreamResponse:
-        pool = self._pools.get(provider)
+        """`egress`: the URL is a tenant's (the field it came from): its connections are checked by
+        the egress policy and pooled apart from the operator's, so neither reuses the other's."""
+        key = provider if egress is None else f"{provider}\0egress"
+        pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[provider] = _Pool(max_connections)
+            pool = self._pools[key] = _Pool(max_connections, self._tenant_providers.get(provider))
+        if egress is None:
+            egress = pool.egress
         origin, line, host, where = self._head(url)
         if "host" in headers:  # signed requests (SigV4) bring their own
             host = b""
@@ -446,7 +494,8 @@ class UpstreamClient:
                 conn = pool.reuse(origin) if attempt == 1 else None  # a retry: the other idle ones may be closed too
                 reused = conn is not None
                 if conn is None:
-                    conn = await self._connect(origin, provider, where, connect_timeout)
+                    conn = await (self._connect(origin, provider, where, connect_timeout) if egress is None
+                                  else self._connect(origin, provider, where, connect_timeout, egress))
                 conn.send(head, body)
                 try:
                     while not conn.has_head:
@@ -472,6 +521,21 @@ class UpstreamClient:
         except BaseException:
             pool.slots.release()
             raise
+
+    def set_tenant_provider(self, provider: str, field: str | None) -> None:
+        """Mark a provider created through the admin API (`field`: where its base URL came from),
+        or unmark it (None); its pool is dropped so no connection opened under the other rule stays."""
+        if self._tenant_providers.get(provider) == field:
+            return
+        if field is None:
+            self._tenant_providers.pop(provider, None)
+        else:
+            self._tenant_providers[provider] = field
+        pool = self._pools.pop(provider, None)
+        if pool is not None:
+            for idle in pool.idle.values():
+                for conn in idle:
+                    conn.abort()
 
     async def close(self) -> None:
         pools, self._pools = list(self._pools.values()), {}

@@ -184,6 +184,9 @@ def base_config(mock: MockUpstream, workdir: Path, extra_providers: Iterable[dic
                  "sinks": [{"type": "sqlite", "path": str(workdir / "logs.db")},
                            {"type": "jsonl", "path": str(workdir / "logs.jsonl")}]},
         "auto_providers": False,
+        # the mock upstreams listen on loopback, which the egress policy refuses for request-supplied
+        # base URLs unless the operator allows it (tests/test_egress.py sets its own)
+        "egress": {"allow": ["127.0.0.0/8"]},
     }
     config.update(overrides)
     config["providers"] = [*config["providers"], *extra_providers]

@@ -26,6 +26,7 @@ from starlette.routing import Route
 from proxy.admin import AdminGuard, error_response, json_response, read_object
 from proxy.admin.keys import InvalidField
 from proxy.catalog import load_catalog
+from proxy.egress import EgressPolicy, header_reason
 from proxy.settings import ConfigError, Provider, Settings, Timeouts, check_base_url
 from proxy.store import StoredObject
 from proxy.store.snapshot import Snapshot
@@ -63,7 +64,7 @@ def stored_providers(objects: dict[str, StoredObject]) -> list[Provider]:
     return [provider_of(o.data) for o in objects.values()]
 
 
-def _check_kwargs(value: Any, provider_id: str) -> dict[str, Any]:
+def _check_kwargs(value: Any, provider_id: str, egress: EgressPolicy | None = None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidField("extra_kwargs: expected an object with at least base_url")
     unknown = set(value) - KWARGS - DEFAULT_PARAMS
@@ -87,6 +88,11 @@ def _check_kwargs(value: Any, provider_id: str) -> dict[str, Any]:
         check_base_url(base_url, "extra_kwargs.base_url")
     except ConfigError as exc:
         raise InvalidField(str(exc)) from None
+    # a provider made at run time is not the operator's config: the egress policy applies (and again
+    # at every connection, to the addresses its host resolves to)
+    reason = (egress or EgressPolicy()).url_reason(base_url)
+    if reason is not None:
+        raise InvalidField(f"extra_kwargs.base_url: {reason}")
     timeout = out.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
                                 or not math.isfinite(timeout) or timeout <= 0):
@@ -96,9 +102,10 @@ def _check_kwargs(value: Any, provider_id: str) -> dict[str, Any]:
         if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise InvalidField("extra_kwargs.headers: expected an object of header names to string values")
         for name, header_value in headers.items():
-            if not name or any(c in name or c in header_value for c in UNSAFE) or ":" in name:
-                raise InvalidField(f"extra_kwargs.headers.{name.strip()}: header names and values may not contain "
-                                   "CR, LF, NUL (or a colon in the name)")
+            reason = header_reason(name, header_value)
+            if reason is not None:
+                shown = "".join(c if " " < c < "\x7f" else "?" for c in name)[:100]
+                raise InvalidField(f"extra_kwargs.headers.{shown}: {reason}")
     if protocol == "azure" and not out.get("api_version"):
         raise InvalidField("extra_kwargs.api_version: required for an azure provider")
     if out.get("api_version") is not None and not isinstance(out["api_version"], str):
@@ -106,7 +113,8 @@ def _check_kwargs(value: Any, provider_id: str) -> dict[str, Any]:
     return out
 
 
-def check_provider(body: dict[str, Any], *, provider_id: str | None, existing: dict[str, Any] | None) -> dict[str, Any]:
+def check_provider(body: dict[str, Any], *, provider_id: str | None, existing: dict[str, Any] | None,
+                   egress: EgressPolicy | None = None) -> dict[str, Any]:
     """A create, PUT or PATCH body as stored data (`existing` set: PATCH merges into it)."""
     unknown = set(body) - FIELDS
     if unknown:
@@ -132,7 +140,7 @@ def check_provider(body: dict[str, Any], *, provider_id: str | None, existing: d
         kwargs = body.get("extra_kwargs")
         if existing is not None and isinstance(kwargs, dict):  # PATCH: keys merge; null removes one
             kwargs = {k: v for k, v in {**(existing.get("extra_kwargs") or {}), **kwargs}.items() if v is not None}
-        data["extra_kwargs"] = _check_kwargs(kwargs, given_id)
+        data["extra_kwargs"] = _check_kwargs(kwargs, given_id, egress)
     return data
 
 
@@ -165,6 +173,7 @@ class ProvidersAPI:
         self.snapshot = snapshot
         self.guard = guard
         self.settings = settings
+        self.egress = EgressPolicy(settings.egress.allow, settings.egress.deny)
 
     def routes(self) -> list[Route]:
         guard = self.guard
@@ -185,7 +194,7 @@ class ProvidersAPI:
         if isinstance(given, str) and self.settings.provider(given) is not None:
             return _managed(given, "modify")
         try:
-            data = check_provider(body, provider_id=None, existing=None)
+            data = check_provider(body, provider_id=None, existing=None, egress=self.egress)
         except InvalidField as exc:
             return error_response(str(exc), 400)
         existed = await self.snapshot.store.get(KIND, data["provider_id"]) is not None
@@ -216,9 +225,10 @@ class ProvidersAPI:
         try:
             if request.method == "PATCH":
                 obj = await self.snapshot.update(
-                    KIND, provider_id, lambda data: check_provider(body, provider_id=provider_id, existing=data))
+                    KIND, provider_id, lambda data: check_provider(body, provider_id=provider_id, existing=data,
+                                                                      egress=self.egress))
                 return json_response(view(obj)) if obj is not None else _not_found(provider_id)
-            data = check_provider(body, provider_id=provider_id, existing=None)  # PUT: the whole provider
+            data = check_provider(body, provider_id=provider_id, existing=None, egress=self.egress)  # PUT: the whole provider
         except InvalidField as exc:
             return error_response(str(exc), 400)
         current = await self.snapshot.store.get(KIND, provider_id)

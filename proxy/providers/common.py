@@ -50,6 +50,7 @@ async def post_upstream(adapter: _Adapter, call: Call, target: Target, url: str,
             read_timeout=read_timeout,
             stream=stream,
             max_connections=adapter.config.max_connections,
+            egress=target.egress,
         )
         if stream and response.status < 400:
             return response, None

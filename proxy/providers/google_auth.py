@@ -26,6 +26,7 @@ from urllib.parse import urlencode, urlsplit
 
 import orjson
 
+from proxy.egress import EgressDenied
 from proxy.errors import GatewayError, UpstreamUnavailable
 from proxy.upstream import UpstreamClient
 
@@ -209,18 +210,19 @@ class TokenCache:
         self._refreshing: dict[str, asyncio.Future[str]] = {}
         self.refreshes = 0
 
-    async def token(self, provider: str, account: ServiceAccount) -> str:
+    async def token(self, provider: str, account: ServiceAccount, egress: str | None = None) -> str:
+        """`egress`: the account is a caller's, its token_uri checked by the egress policy (the field)."""
         cached = self._tokens.get(account.cache_key)
         if cached is not None and time.monotonic() < cached[1] - REFRESH_MARGIN:
             return cached[0]
         pending = self._refreshing.get(account.cache_key)
         if pending is None:
-            pending = asyncio.ensure_future(self._refresh(provider, account))
+            pending = asyncio.ensure_future(self._refresh(provider, account, egress))
             self._refreshing[account.cache_key] = pending
             pending.add_done_callback(lambda _f: self._refreshing.pop(account.cache_key, None))
         return await asyncio.shield(pending)  # one caller leaving does not cancel the others' refresh
 
-    async def _refresh(self, provider: str, account: ServiceAccount) -> str:
+    async def _refresh(self, provider: str, account: ServiceAccount, egress: str | None = None) -> str:
         self.refreshes += 1
         body = urlencode({"grant_type": GRANT_TYPE, "assertion": account.assertion(int(time.time()))}).encode()
         started = time.monotonic()
@@ -229,9 +231,11 @@ class TokenCache:
                 f"{provider}:oauth", account.token_uri,
                 {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}, body,
                 connect_timeout=self.connect_timeout, read_timeout=self.read_timeout, stream=False,
-                max_connections=10,
+                max_connections=10, egress=egress,
             )
             raw = await response.read()
+        except EgressDenied:
+            raise
         except GatewayError as exc:
             raise TokenError(f"Provider '{provider}': could not get a Google access token: {exc.detail}") from None
         try:

@@ -68,6 +68,7 @@ VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
 GOOGLE_HOST = re.compile(r"^(?:(?P<location>[a-z0-9-]+)-)?aiplatform\.googleapis\.com$")
 LOCATION_PATH = re.compile(r"/v1(?:beta1)?/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/?$")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TOKEN_URI_FIELD = "vertex_ai_credentials.token_uri"  # a caller's service account: checked by the egress policy
 _CACHE_LIMIT = 1000
 
 
@@ -201,6 +202,8 @@ class VertexAI:
                 account = self._account(raw)
             except InvalidServiceAccount as exc:
                 raise ValidationFailed("vertex_ai_credentials", str(exc)) from None
+            if self.tokens.upstream.egress is not None:
+                self.tokens.upstream.egress.check_url(account.token_uri, TOKEN_URI_FIELD)
         elif target.api_key and target.api_key != self.config.api_key:  # a configured deployment's own key
             try:
                 account = self._account(target.api_key)
@@ -237,7 +240,8 @@ class VertexAI:
         if call.client_format == "gemini" and is_claude(target.model):
             raise BadRequest(f"Provider '{target.provider}' serves Gemini-format requests for Gemini models only")
         account, prefix, headers = self.resolve(target)
-        token = await self.tokens.token(target.provider, account)
+        token = await self.tokens.token(target.provider, account,
+                                        TOKEN_URI_FIELD if target.custom_credential else None)
         headers["Authorization"] = f"Bearer {token}"
         inner = msgspec.structs.replace(target, base_url=prefix, api_key=None, extra_headers=headers)
         adapter = self.anthropic if is_claude(target.model) else self.gemini
