@@ -49,6 +49,8 @@ DEPLOY_KEY_A = "sk-CANARY-deploy-a-7c3d19e0"
 DEPLOY_KEY_B = "sk-CANARY-deploy-b-2a8f64b1"
 ECHO_KEY = "sk-CANARY-echo-prov-64d0f1a9"
 ANTHROPIC_KEY = "sk-ant-CANARY-anthropic-4e6a8c0b"
+GEMINI_KEY = "AIzaCANARY-gemini-2b4d6f8a0c"
+CUSTOMER_API_KEY = "sk-CANARY-custapikeys-5d7f9b1c"
 GATEWAY_KEY = "sk-CANARY-gateway-c19a7e55f0"
 ADMIN_KEY = "sk-CANARY-admin-0d7b3e91c6"
 WRONG_KEY = "sk-CANARY-wrong-e3a1c2b4d5"
@@ -191,6 +193,7 @@ def main_config(mock: MockUpstream, echo: EchoUpstream, amock: MockAnthropic, co
             {"id": "deployed", "protocol": "openai", "base_url": echo.base_url + "/v1",
              "deployments": [{"name": "dep-a", "api_key": DEPLOY_KEY_A}, {"name": "dep-b", "api_key": DEPLOY_KEY_B}]},
             {"id": "anthropic", "protocol": "anthropic", "base_url": amock.base_url, "api_key": ANTHROPIC_KEY},
+            {"id": "gem", "protocol": "gemini", "base_url": f"http://{dead}", "api_key": GEMINI_KEY},
         ],
         extra_models=[
             {"name": "leak-ok", "provider": "mock", "model": "mock-ok"},
@@ -200,6 +203,7 @@ def main_config(mock: MockUpstream, echo: EchoUpstream, amock: MockAnthropic, co
             {"name": "leak-env-401", "provider": "envprov", "model": "echo-401"},
             {"name": "leak-dep-401", "provider": "deployed", "model": "echo-401"},
             {"name": "leak-dep-500", "provider": "deployed", "model": "echo-500"},
+            {"name": "leak-gem-down", "provider": "gem", "model": "gemini-2.0-flash"},
         ],
         keys=[{"name": "canary", "key_hash": hash_key(GATEWAY_KEY), "environment": "production"}],
         admin_keys=[{"name": "canary-admin", "key_hash": hash_key(ADMIN_KEY)}],
@@ -263,6 +267,9 @@ def drive(gw: GatewayProcess, seen: Seen, echo: EchoUpstream) -> dict[str, Any]:
         {"weight": 1, "credentials": {"api_key": CUSTOMER_HDR_KEY}}]}}).encode()).decode()
     chat(seen, gw, "leak-echo-500", headers={"X-Data-Respan-Params": params})
     chat(seen, gw, "leak-echo-500", credential_override={"leak-echo-500": {"api_key": OVERRIDE_KEY}})
+    chat(seen, gw, "leak-echo-401", customer_api_keys={"leak-echo-401": CUSTOMER_API_KEY})
+    assert chat(seen, gw, "leak-gem-down").status_code >= 500  # refused connection: the error names no key
+    chat(seen, gw, "leak-gem-down", stream=True)
     chat(seen, gw, "leak-ok", credential_override={"leak-ok": {"api_key": OVERRIDE_KEY}}, stream=True)
     # malformed credential params: 422 naming the field, never its value
     bad = chat(seen, gw, "leak-ok", customer_credentials={"echo": {"api_key": MALFORMED_KEY + "\nX-Injected: 1"}})
@@ -336,7 +343,8 @@ def drive(gw: GatewayProcess, seen: Seen, echo: EchoUpstream) -> dict[str, Any]:
         "output": {"role": "assistant", "content": "4"}, "usage": {"prompt_tokens": 2, "completion_tokens": 1}})
     # the echo upstream got the keys (so the test plants what it means to)
     sent = json.dumps([r["headers"] for r in echo.requests])
-    for secret in (ECHO_KEY, ENV_PROVIDER_KEY, CUSTOMER_KEY, CUSTOMER_HDR_KEY, OVERRIDE_KEY, MANAGED_PROVIDER_KEY):
+    for secret in (ECHO_KEY, ENV_PROVIDER_KEY, CUSTOMER_KEY, CUSTOMER_HDR_KEY, OVERRIDE_KEY, MANAGED_PROVIDER_KEY,
+                   CUSTOMER_API_KEY):
         assert secret in sent, (secret, [r for r in seen.responses if "canary-managed" in r[0] or "echo-4" in r[1]][-6:])
     assert DEPLOY_KEY_A in sent or DEPLOY_KEY_B in sent
     return out
@@ -433,6 +441,12 @@ def test_keys_are_separated(run: dict[str, Any]) -> None:
         assert seen.request("POST", f"{gw.url}/api/embeddings", key, {"model": "leak-ok", "input": "x"}).status_code \
             == 401
     assert chat(seen, gw, "leak-ok", key=run["temp_key"]).status_code == 200
+    # the one documented overlap: log ingestion takes a gateway key or an admin key (README, Ingestion)
+    log = {"model": "gpt-4o-mini", "input": [{"role": "user", "content": "hi"}],
+           "output": {"role": "assistant", "content": "4"}}
+    for key in (ADMIN_KEY, GATEWAY_KEY):
+        assert seen.request("POST", f"{gw.url}/api/request-logs/", key, log).status_code == 201
+    assert seen.request("POST", f"{gw.url}/api/request-logs/", WRONG_KEY, log).status_code == 401
 
 
 def test_key_comparisons_are_constant_time() -> None:
