@@ -66,7 +66,7 @@ class EgressDenied(ValidationFailed):
 def literal_ip(host: str) -> IP | None:
     """The address a URL host names literally: dotted quads, IPv6 (brackets already gone), and the
     decimal / octal / hex IPv4 forms getaddrinfo also accepts (2852039166, 0251.0376.0251.0376)."""
-    host = host.strip("[]").lower()
+    host = host.strip("[]").lower().rstrip(".")  # "169.254.169.254." may resolve as without the dot
     try:
         return ipaddress.ip_address(host.partition("%")[0])
     except ValueError:

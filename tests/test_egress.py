@@ -51,6 +51,7 @@ def resolves_to_loopback(host: str) -> bool:
     ("http://[fe80::1]/", "link-local"),
     ("http://127.0.0.1:8000/v1", "loopback"),
     ("http://127.1/", "loopback"),
+    ("http://169.254.169.254./", "link-local"),  # a trailing dot
     ("http://0.0.0.0/", "unspecified"),
     ("http://[::]/", "unspecified"),
     ("http://10.0.0.8/v1", "private"),
