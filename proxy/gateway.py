@@ -25,6 +25,7 @@ from proxy.admin.providers import ProvidersAPI, stored_providers
 from proxy.alerts import Notifier
 from proxy.call import Call, Reply, Usage
 from proxy.catalog import load_catalog
+from proxy.egress import EgressPolicy
 from proxy.errors import BadRequest, GatewayError, InternalError
 from proxy.keys import KeyRing
 from proxy.logs.api import LogsAPI
@@ -37,6 +38,7 @@ from proxy.metrics import CHUNK_GAP_BUCKETS, Metrics
 from proxy.model_table import ModelTable
 from proxy.pipeline import Stage, compose, load_stages
 from proxy.providers import build_adapter, build_adapters
+from proxy.redact import scrub_reply, secrets_of
 from proxy.settings import Settings
 from proxy.sse import ChatStreamTap, NativeStreamTap
 from proxy.sse_anthropic import AnthropicStreamTap, anthropic_usage, completion_message
@@ -67,7 +69,7 @@ class Gateway:
     def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.catalog = load_catalog()
-        self.upstream = UpstreamClient()
+        self.upstream = UpstreamClient(EgressPolicy(settings.egress.allow, settings.egress.deny))
         self.adapters = build_adapters(settings, self.upstream)
         self.models = ModelTable(settings, self.catalog)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -133,9 +135,11 @@ class Gateway:
                     logger.exception("custom provider %s cannot be served", provider.id)
                     continue
                 self._custom_providers[provider.id] = provider
+                self.upstream.set_tenant_provider(provider.id, f"providers.{provider.id}.extra_kwargs.base_url")
             providers.append(provider)
         for gone in set(self._custom_providers) - {p.id for p in providers}:
             del self._custom_providers[gone]
+            self.upstream.set_tenant_provider(gone, None)
             self.adapters.pop(gone, None)
         self.models.update(providers, stored_models(self.snapshot.of("model")))
 
@@ -233,7 +237,10 @@ class Gateway:
         # An adapter lists the Call.endpoint values it serves in `endpoints`; without it, chat only.
         if call.endpoint != "chat" and call.endpoint not in getattr(adapter, "endpoints", CHAT_ONLY):
             raise BadRequest(f"Provider {target.provider!r} does not serve {call.endpoint}")
-        return await adapter.send(call, target)
+        reply = await adapter.send(call, target)
+        # an upstream that echoes the key it was sent gives it to no one (client, log, fallback)
+        configured = getattr(getattr(adapter, "config", None), "api_key", None)
+        return scrub_reply(reply, secrets_of(target.api_key, configured))
 
     async def handle(self, call: Call) -> Reply:
         """Run the pipeline. Always returns a Reply; gateway errors become their JSON bodies."""
