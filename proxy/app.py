@@ -24,6 +24,7 @@ from proxy.endpoints import anthropic, chat, embeddings, gemini, health, models,
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics, mark_worker_dead
 from proxy.settings import Settings
+from proxy.store import StoreUnavailable
 
 CONFIG_ENV = reload.CONFIG_ENV  # the CLI passes the config path (and its checked text) to granian workers
 GC_THRESHOLDS = (50_000, 20, 100)
@@ -87,6 +88,9 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None, loaded: rel
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"detail": "Not found."}, 404)
 
+    async def store_unavailable(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"detail": f"{exc}; try again"}, 503)
+
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
         return JSONResponse({"detail": f'Method "{request.method}" not allowed.'}, 405)
 
@@ -107,7 +111,7 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None, loaded: rel
         routes=[*post_routes, *models.routes(gateway), *health.routes(gateway), *gateway.admin_routes(),
                 *reload.routes(gateway), *dashboard.routes()],
         lifespan=lifespan,
-        exception_handlers={404: not_found, 405: method_not_allowed},
+        exception_handlers={404: not_found, 405: method_not_allowed, StoreUnavailable: store_unavailable},
     )
     return App(gateway, starlette, fast_routes, prefix_routes)
 

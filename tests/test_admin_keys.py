@@ -209,3 +209,16 @@ def test_the_keys_cli(gw: GatewayProcess) -> None:
     assert refused.returncode == 1 and "403" in refused.stderr and KEY not in refused.stderr
     missing = llmrelay(gw, "list", admin_key=None)
     assert missing.returncode == 1 and "LLMRELAY_ADMIN_KEY" in missing.stderr
+
+
+def test_a_write_while_the_postgres_admin_store_is_down_is_a_503(start_gateway, mock):
+    """The data plane keeps serving its snapshot; an admin write says the store is unavailable
+    (not a 500 with a traceback)."""
+    down = f"postgresql://postgres:s3cret-store-pw@127.0.0.1:{free_port()}/test"
+    gw = start_gateway(admin_keys=ADMIN_KEYS, store={"backend": "postgres", "dsn": down})
+    created = admin(gw, "POST", "/api/temporary-keys/", {"name": "while-down"})
+    assert created.status_code == 503, created.text
+    assert "admin store" in created.json()["detail"] and "s3cret-store-pw" not in created.text
+    reply = httpx.post(f"{gw.url}/api/chat/completions", json={"model": "gpt-test", "messages": [
+        {"role": "user", "content": "hi"}]}, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert reply.status_code == 200

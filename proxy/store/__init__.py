@@ -23,6 +23,10 @@ class StoredObject(msgspec.Struct, frozen=True):
     updated_at: float
 
 
+class StoreUnavailable(Exception):
+    """The admin store cannot be reached (an admin write answers 503; reads use the snapshot)."""
+
+
 class Conflict(Exception):
     """put(create=True) of an id that exists, or put(if_updated_at=...) of an object changed since."""
 

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from proxy.store import Conflict, StoredObject
+from proxy.store import Conflict, StoredObject, StoreUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS admin_objects (kind text NOT NULL, id text NOT NULL, data jsonb NOT NULL,
@@ -44,7 +44,7 @@ class PostgresAdminStore:
 
     def _db(self) -> asyncpg.Pool:
         if self._pool is None:
-            raise RuntimeError("the admin store is not open")
+            raise StoreUnavailable("the admin store (PostgreSQL) is not connected")
         return self._pool
 
     async def version(self) -> int:

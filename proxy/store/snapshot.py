@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from proxy.state.channel import follow, scoped
-from proxy.store import AdminStore, Conflict, StoredObject
+from proxy.store import AdminStore, Conflict, StoredObject, StoreUnavailable
 
 log = logging.getLogger("llmrelay.store")
 CHANNEL = "llmrelay:admin:changed"
@@ -130,7 +130,8 @@ class Snapshot:
 
     async def put(self, kind: str, id: str, data: dict[str, Any], *, create: bool = False) -> StoredObject:
         """Write through the store; this worker has the change when this returns."""
-        obj = await self.store.put(kind, id, data, create=create)
+        with _reachable():
+            obj = await self.store.put(kind, id, data, create=create)
         await self._changed()
         return obj
 
@@ -140,12 +141,14 @@ class Snapshot:
         worker or replica wrote the object in between, it runs again on the fresh data.
         None when there is no such object."""
         for _ in range(UPDATE_TRIES):
-            current = await self.store.get(kind, id)
+            with _reachable():
+                current = await self.store.get(kind, id)
             if current is None:
                 return None
             data = change(copy.deepcopy(current.data))
             try:
-                obj = await self.store.put(kind, id, data, if_updated_at=current.updated_at)
+                with _reachable():
+                    obj = await self.store.put(kind, id, data, if_updated_at=current.updated_at)
             except Conflict:
                 continue
             await self._changed()
@@ -153,7 +156,17 @@ class Snapshot:
         raise Conflict(f"{kind} {id!r} is being changed by other writers; try again")
 
     async def delete(self, kind: str, id: str) -> bool:
-        deleted = await self.store.delete(kind, id)
+        with _reachable():
+            deleted = await self.store.delete(kind, id)
         if deleted:
             await self._changed()
         return deleted
+
+
+@contextlib.contextmanager
+def _reachable() -> Iterator[None]:
+    """A write that cannot reach the store (connection refused or lost) is StoreUnavailable."""
+    try:
+        yield
+    except (TimeoutError, OSError) as exc:
+        raise StoreUnavailable(f"the admin store cannot be reached ({type(exc).__name__})") from None
