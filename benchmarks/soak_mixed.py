@@ -162,7 +162,9 @@ def write(report: dict[str, Any]) -> None:
     lines = [f"# Mixed soak: {report['requests']:,} requests ({report['when']}, {report['machine']}, "
              f"concurrency {report['concurrency']})", "",
              f"Answers by status: {json.dumps(report['statuses'])}; log rows: {report['log_rows']:,} "
-             f"for {report['answered']:,} answered requests.", "",
+             f"for {report['answered']:,} answers wrk counted (at each slice's deadline wrk drops up to "
+             f"{report['concurrency']} requests in flight, which the gateway still answers and logs: so rows "
+             f"may exceed answers by at most {report['concurrency']} a slice, never fall short).", "",
              "| after | rps | p99 ms | transport errors | RSS MB | fds | sockets |",
              "|---:|---:|---:|---:|---:|---:|---:|",
              f"| idle | | | | {report['idle']['rss_mb']:.1f} | {report['idle']['fds']} | {report['idle']['sockets']} |"]

@@ -1,11 +1,11 @@
 -- wrk script for the mixed soak (soak_mixed.py): cycles through a mix of requests and counts
--- the answers by status. In every 20 requests:
---   10 whole answers, each body unique (cache misses)       -> 200
---    4 whole answers, one repeated body (cache hits)         -> 200
---    3 streams of 20 chunks, each body unique               -> 200
---    1 unknown model                                         -> 404
---    1 model whose only provider refuses connections         -> 502 (its deployment cools down)
---    1 body whose `messages` is not a list                   -> 400
+-- the answers by status. In every 100 requests:
+--   50 whole answers, each body unique (cache misses)       -> 200
+--   25 whole answers, one repeated body (cache hits)         -> 200
+--   18 streams of 20 chunks, each body unique               -> 200
+--    3 unknown models                                        -> 404
+--    1 model whose only provider refuses connections         -> 502 after its retries (it cools down)
+--    3 bodies whose `messages` is not a list                 -> 400
 -- WRK_AUTH: the gateway key; WRK_MODEL, WRK_DOWN_MODEL: model names; WRK_SEED: makes bodies unique per run.
 local auth = "Bearer " .. (os.getenv("WRK_AUTH") or "")
 local model = os.getenv("WRK_MODEL") or "bench-model"
@@ -13,7 +13,12 @@ local down = os.getenv("WRK_DOWN_MODEL") or "bench-down"
 local seed = os.getenv("WRK_SEED") or "0"
 local headers = {["Content-Type"] = "application/json", ["Authorization"] = auth}
 local counter = 0
-local statuses = {}
+statuses = {}  -- global: done() reads each thread's copy through thread:get
+local threads = {}
+
+function setup(thread)
+  threads[#threads + 1] = thread
+end
 
 local function chat(content, stream, name)
   local extra = stream and ', "stream": true' or ""
@@ -22,12 +27,12 @@ local function chat(content, stream, name)
 end
 
 local plan = {}
-for i = 1, 10 do plan[#plan + 1] = "miss" end
-for i = 1, 4 do plan[#plan + 1] = "hit" end
-for i = 1, 3 do plan[#plan + 1] = "stream" end
-plan[#plan + 1] = "unknown"
+for i = 1, 50 do plan[#plan + 1] = "miss" end
+for i = 1, 25 do plan[#plan + 1] = "hit" end
+for i = 1, 18 do plan[#plan + 1] = "stream" end
+for i = 1, 3 do plan[#plan + 1] = "unknown" end
 plan[#plan + 1] = "down"
-plan[#plan + 1] = "invalid"
+for i = 1, 3 do plan[#plan + 1] = "invalid" end
 
 function request()
   counter = counter + 1
@@ -55,8 +60,12 @@ end
 
 function done(summary, latency, requests)
   local e = summary.errors
+  local total = {}
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do total[status] = (total[status] or 0) + n end
+  end
   local parts = {}
-  for status, n in pairs(statuses) do parts[#parts + 1] = string.format('"%d": %d', status, n) end
+  for status, n in pairs(total) do parts[#parts + 1] = string.format('"%d": %d', status, n) end
   io.write(string.format(
     'WRK_JSON {"requests": %d, "duration_us": %d, "errors": {"connect": %d, "read": %d, "write": %d, ' ..
     '"timeout": %d}, "statuses": {%s}, "p99_ms": %.3f}\n',
