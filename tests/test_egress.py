@@ -337,3 +337,19 @@ def test_e2e_admin_provider_on_an_allowed_internal_host_answers(start_gateway, m
     response = chat(gw, model=f"{provider}/mock-ok")
     assert response.status_code == 200, response.text
     assert mock.last()["headers"]["X-Team"] == "search"
+
+
+def test_e2e_alert_urls_set_through_the_admin_api_get_the_policy(start_gateway, mock) -> None:
+    gw = start_gateway(pipeline=["auth", {"name": "limits", "options": {"policies": []}}], admin_keys=ADMIN_KEYS,
+                       egress={})
+    policy = {"name": "spend", "scope": "organization", "metric": "requests", "window": "minute", "warn_threshold": 5}
+    for notify, field, reason in [
+        ({"webhooks": [{"url": "http://169.254.169.254/latest/", "secret": "s"}]}, "notify.webhooks[0].url", "link-local"),
+        ({"slack_webhook_urls": ["https://hooks.slack.com/x", f"http://127.0.0.1:{mock.port}/hook"]},
+         "notify.slack_webhook_urls[1]", "loopback"),
+    ]:
+        response = admin_request(gw, "POST", "/api/limits/", {**policy, "notify": notify})
+        assert response.status_code == 400, response.text
+        assert field in response.text and reason in response.text, response.text
+    ok = admin_request(gw, "POST", "/api/limits/", {**policy, "notify": {"slack_webhook_urls": ["https://hooks.slack.com/x"]}})
+    assert ok.status_code == 201, ok.text

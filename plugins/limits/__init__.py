@@ -42,6 +42,7 @@ from proxy import estimate
 from proxy.admin.keys import stored_keys
 from proxy.alerts import Alert
 from proxy.call import Call, Reply
+from proxy.egress import EgressPolicy
 from proxy.errors import GatewayError, ModelNotFound, ValidationFailed
 from proxy.metrics import Metrics
 from proxy.model_table import ModelTable
@@ -109,6 +110,7 @@ class LimitsStage:
         self._last_down_log = 0.0
         self._tasks: set[asyncio.Future[Any]] = set()  # writes and alerts still on their way
         self.admin = admin
+        self.egress = EgressPolicy()  # create_stage sets the config's
         self.configured = policies  # from the config file and its API keys: read-only
         self._created: list[Policy] = []  # created through /api/limits/
         self._managed_keys: list[Policy] = []  # from keys created through /api/temporary-keys/
@@ -496,6 +498,8 @@ def create_stage(context: StageContext) -> LimitsStage:
     metrics = context.services.get("metrics") or Metrics()
     stage = LimitsStage(policies, counters, context.models, metrics, context.services.get("notifier"),
                         redis_url=redis_url, admin=context.services.get("admin"))
+    # alert URLs set through the admin API are checked like tenant base URLs (proxy/egress.py)
+    stage.egress = EgressPolicy(context.settings.egress.allow, context.settings.egress.deny)
     snapshot = context.services.get("snapshot")
     if snapshot is not None:
         snapshot.subscribe("key", lambda objects: stage.set_key_policies(key_policies(stored_keys(objects))))

@@ -22,9 +22,21 @@ from plugins.limits.policy import ORGANIZATION, counter_key, parse_policy
 from plugins.limits.windows import bounds
 from proxy.admin import AdminGuard, error_response, json_response, read_json, read_object
 from proxy.alerts import _origin
+from proxy.egress import EgressPolicy
 
 if TYPE_CHECKING:
     from plugins.limits import LimitsStage
+
+
+def check_alert_urls(policy: Any, egress: EgressPolicy) -> None:
+    """Alert URLs set through the admin API get the egress policy of tenant base URLs (a ValueError
+    naming the field; the config file's policies are the operator's and not checked)."""
+    urls = [(f"notify.slack_webhook_urls[{i}]", u) for i, u in enumerate(policy.notify.slack_webhook_urls)]
+    urls += [(f"notify.webhooks[{i}].url", w.url) for i, w in enumerate(policy.notify.webhooks)]
+    for field, url in urls:
+        reason = egress.url_reason(url)
+        if reason is not None:
+            raise ValueError(f"{field}: {reason}")
 
 
 def admin_routes(stage: LimitsStage, guard: AdminGuard) -> list[Route]:
@@ -56,6 +68,7 @@ def admin_routes(stage: LimitsStage, guard: AdminGuard) -> list[Route]:
             return refused
         try:
             policy = parse_policy(body)
+            check_alert_urls(policy, stage.egress)
         except ValueError as exc:
             return error_response(str(exc), 400)
         if find(policy.name) is not None:
@@ -90,6 +103,7 @@ def admin_routes(stage: LimitsStage, guard: AdminGuard) -> list[Route]:
             return error_response("name: a policy cannot be renamed; create a new one", 400)
         try:
             policy = parse_policy({**msgspec.to_builtins(current), **body})
+            check_alert_urls(policy, stage.egress)
         except ValueError as exc:
             return error_response(str(exc), 400)
         await stage.store.put(policy)
