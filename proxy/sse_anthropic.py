@@ -77,6 +77,10 @@ def completion_message(content: Any, stop_reason: Any = None) -> dict[str, Any]:
     return message
 
 
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
 class AnthropicStreamTap(NativeStreamTap):
     __slots__ = ("usage", "stop_reason", "_blocks")
     _to_usage = staticmethod(anthropic_usage)
@@ -103,22 +107,25 @@ class AnthropicStreamTap(NativeStreamTap):
             self.content_deltas += 1
             if self.keep_content:
                 delta = event.get("delta") or {}
-                block = self._blocks.get(event.get("index", 0))
+                index = event.get("index", 0)
+                # a block index that is not an int, or text that is not a string, is no block of ours
+                block = self._blocks.get(index) if type(index) is int else None
                 if block is not None and isinstance(delta, dict):
                     dtype = delta.get("type")
                     if dtype == "text_delta":
-                        block["text"] = block.get("text", "") + (delta.get("text") or "")
+                        block["text"] = _str(block.get("text")) + _str(delta.get("text"))
                     elif dtype == "input_json_delta":
-                        block["_json"] = block.get("_json", "") + (delta.get("partial_json") or "")
+                        block["_json"] = _str(block.get("_json")) + _str(delta.get("partial_json"))
                     elif dtype == "thinking_delta":
-                        block["thinking"] = block.get("thinking", "") + (delta.get("thinking") or "")
+                        block["thinking"] = _str(block.get("thinking")) + _str(delta.get("thinking"))
         elif kind == "content_block_start":
             block = event.get("content_block")
             if isinstance(block, dict):
                 if block.get("type") != "text" or block.get("text"):
                     self.saw_content = True
-                if self.keep_content:
-                    self._blocks[event.get("index", 0)] = dict(block)
+                index = event.get("index", 0)
+                if self.keep_content and type(index) is int:
+                    self._blocks[index] = dict(block)
         elif kind == "message_start":
             message = event.get("message") or {}
             if isinstance(message, dict):

@@ -103,6 +103,8 @@ class ResponsesStreamTap(NativeStreamTap):
         if isinstance(event.get("sequence_number"), int):
             self.sequence = event["sequence_number"]
         kind = event.get("type") or name
+        if not isinstance(kind, str):  # e.g. a list: no event type of ours (and unhashable for `in TERMINAL`)
+            kind = name
         if kind == "response.output_text.delta":
             self.saw_content = True
             self.content_deltas += 1
