@@ -15,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -239,3 +242,12 @@ def test_responses_event_type_of_another_type() -> None:
     """`"type": [null]` raised TypeError (unhashable, `kind in TERMINAL`)."""
     _, state = run(ResponsesStreamTap(), [b'data: {"type": [null]}\n\nevent: response.output_text.delta\ndata: {"type": 1, "delta": "hi"}\n\n'])
     assert state["events"] == 2 and state["messages"] == [{"role": "assistant", "content": "hi"}]
+
+
+def test_atheris_harness() -> None:
+    """The coverage-guided harness (tests/fuzzers/atheris_taps.py), bounded and seeded: no input raises."""
+    pytest.importorskip("atheris")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "tests/fuzzers/atheris_taps.py"), "-runs=30000", "-seed=1"],
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
