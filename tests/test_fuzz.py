@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.endpoints.body import parse_object, read_body
+from proxy.endpoints.body import MAX_JSON_DEPTH, nests_deeper, parse_object, read_body
 from proxy.errors import GatewayError
 from proxy.params import GATEWAY_KEYS, ParamsError, split_params
 from proxy.sse import ChatStreamTap, SSEDecoder
@@ -251,3 +251,19 @@ def test_atheris_harness() -> None:
     done = subprocess.run([sys.executable, str(root / "tests/fuzzers/atheris_taps.py"), "-runs=30000", "-seed=1"],
                           cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+
+
+@FUZZ
+@given(value=json_values, depth=st.integers(0, 300))
+def test_nests_deeper_is_exact(value: Any, depth: int) -> None:
+    """nests_deeper (orjson's limit, shifted) agrees with a plain walk, at every depth around the limit."""
+    def walk(v: Any) -> int:
+        if isinstance(v, dict):
+            return 1 + max(map(walk, v.values()), default=0)
+        if isinstance(v, list):
+            return 1 + max(map(walk, v), default=0)
+        return 0
+
+    for _ in range(depth):
+        value = [value]
+    assert nests_deeper(value, MAX_JSON_DEPTH) == (walk(value) > MAX_JSON_DEPTH)
