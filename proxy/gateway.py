@@ -59,6 +59,8 @@ STREAM_DONE = "stream_done"  # call.state key: the relayed piece just yielded co
 USAGE_ESTIMATED = "usage estimated: the stream ended before the provider reported usage"
 USAGE_ESTIMATED_INPUT = "usage estimated from the input: the provider reported none"
 PROMPTS_NOT_SERVED = "prompt: this gateway does not render prompts (the `prompts` stage is not in its pipeline)"
+MALFORMED_EVENTS = "stream event(s) were not valid JSON (forwarded unchanged)"
+NOT_JSON = "the provider's answer is not a JSON object (passed through unchanged; no usage read)"
 OWN_HEADERS = frozenset({"content-type", "x-respan-log-id", "x-respan-gateway-request-id", "x-llmrelay-model",
                          "x-llmrelay-provider", "x-llmrelay-deployment", "x-llmrelay-attempts", "x-llmrelay-cost",
                          "x-llmrelay-overhead-ms"})
@@ -282,8 +284,12 @@ class Gateway:
         except orjson.JSONDecodeError:
             if reply.status >= 400:
                 call.error = reply.body[:500].decode(errors="replace")
+            else:
+                call.warnings.append(NOT_JSON)
             return
         if not isinstance(data, dict):
+            if reply.status < 400:
+                call.warnings.append(NOT_JSON)
             return
         if reply.status >= 400:
             call.error = upstream_error_message(data, reply.status)
@@ -403,6 +409,10 @@ class Gateway:
         call.response_model = tap.model
         if not call.params.disable_log:
             call.completion = tap.messages()
+        malformed = getattr(tap, "malformed", 0)
+        if malformed:  # forwarded unchanged, as a proxy must; the log says so
+            call.warnings = [w for w in call.warnings if not w.endswith(MALFORMED_EVENTS)]
+            call.warnings.append(f"{malformed} {MALFORMED_EVENTS}")
 
     def relay(self, call: Call, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """The relay for the Call's client format: OpenAI chat SSE (ChatStreamTap), or a native

@@ -127,3 +127,4 @@ def test_garbage_instead_of_http_is_a_502_never_a_crash(gw, fault):
     assert response.status_code == 200 and response.content == b"not json!"
     record = gw.record(response.headers["x-respan-log-id"])
     assert record["status_code"] == 200 and record["prompt_tokens"] == 0 and record["completion_tokens"] == 0
+    assert "the provider's answer is not a JSON object (passed through unchanged; no usage read)" in record["warnings"]

@@ -94,6 +94,7 @@ def test_a_malformed_chunk_is_forwarded_and_the_stream_completes(gw, fault):
     record = gw.record(response.headers["x-respan-log-id"])
     assert record["status_code"] == 200 and record["status"] == "success"
     assert (record["prompt_tokens"], record["completion_tokens"]) == (9, 3)  # the provider's usage still counted
+    assert "1 stream event(s) were not valid JSON (forwarded unchanged)" in record["warnings"]
     assert metric(gw.url, "llmrelay_requests_total", provider="fault-a", status="200") - before == 1
 
 
