@@ -6,13 +6,10 @@ or closed as each policy says; alerts arrive signed and once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
 import os
-import socket
-import threading
 import time
 from typing import Any
 
@@ -26,6 +23,7 @@ from aiohttp import web
 from plugins.limits.counters import KEY_PREFIX
 from tests.conftest import KEY, REDIS_DB, REDIS_URL, GatewayProcess, base_config, free_port
 from tests.mock_server import MockServer
+from tests.relay import Relay
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -387,52 +385,20 @@ def test_a_policy_created_on_one_gateway_applies_on_another_through_redis(start_
             client.delete(key)
 
 
-class RedisTap:
-    """A TCP relay in front of the real Redis that keeps every chunk a client sends through it."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/{REDIS_DB}"
-        self.sent: list[bytes] = []  # what clients sent, one entry per read
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", 6379))
-            threading.Thread(target=self._pipe, args=(client, server, self.sent), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, target: socket.socket, keep: list[bytes] | None) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if keep is not None:
-                    keep.append(data)
-                target.sendall(data)
-        with contextlib.suppress(OSError):
-            target.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_the_limit_reservation_and_the_cache_lookup_share_one_round_trip(start_gateway, mock, redis_cleanup):
     """The limits stage does not wait for Redis before the cache stage looks up: both commands go out
     in one write, and the answer waits for both (Call.hold / Call.ready). A refusal still wins over
     a cached answer."""
     name = unique("round-trip")
     redis_cleanup.append(name)
-    tap = RedisTap()
+    tap = Relay(("127.0.0.1", 6379), keep_sent=True).start()
+    url = f"redis://127.0.0.1:{tap.port}/{REDIS_DB}"
     try:
         policy = {"name": name, "scope": "api_key", "metric": "requests", "window": "lifetime", "block_threshold": 2}
         gw = start_gateway(pipeline=["auth", {"name": "limits", "options": {"policies": [policy]}},
                                      {"name": "cache", "options": {"defaults": {"cache_enabled": True}}}],
-                           state={"counters": {"backend": "redis", "url": tap.url},
-                                  "cache": {"backend": "redis", "url": tap.url}})
+                           state={"counters": {"backend": "redis", "url": url},
+                                  "cache": {"backend": "redis", "url": url}})
         body = {"model": "gpt-test", "messages": [{"role": "user", "content": unique("once")}]}
         for expected in ("miss", "hit"):
             before = len(tap.sent)

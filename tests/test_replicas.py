@@ -53,7 +53,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -79,6 +78,7 @@ from proxy.keys import hash_key
 from proxy.state.cooldowns import KEY_PREFIX as COOLDOWN_PREFIX
 from tests.conftest import ADMIN_KEY, ADMIN_KEYS, KEY, PG_SERVER, REDIS_URL, GatewayProcess, base_config
 from tests.mock_upstream import WORDS, MockUpstream
+from tests.relay import Relay
 
 ANSWER = "".join(WORDS)
 LIMITED_KEY = "sk-test-replicas-limited"
@@ -195,62 +195,6 @@ class Replica(GatewayProcess):
             if name == "llmrelay_deployment_cooling" and labels == {"provider": provider, "deployment": deployment}:
                 return value == 1.0
         return False
-
-
-class PgRelay:
-    """A TCP relay to the shared PostgreSQL. cut() black-holes it for good: the listening socket
-    is closed (new connections are refused) and every relayed connection is shut down, so the
-    sink's next write fails at once instead of hanging."""
-
-    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.lock = threading.Lock()
-        self.sockets: list[socket.socket] = []
-        self.is_cut = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                if self.is_cut:
-                    client.close()
-                    server.close()
-                    return
-                self.sockets += [client, server]
-            threading.Thread(target=self._pipe, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, target: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                target.sendall(data)
-        with contextlib.suppress(OSError):
-            target.shutdown(socket.SHUT_WR)
-
-    def cut(self) -> None:
-        with self.lock:
-            if self.is_cut:
-                return
-            self.is_cut = True
-            with contextlib.suppress(OSError):
-                self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a bare close would not)
-            self.listener.close()
-            for s in self.sockets:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
 
 
 @dataclass
@@ -496,7 +440,7 @@ def test_three_replicas_behave_as_one_gateway(mock: MockUpstream, pg_dsn: str, t
     sfx = uuid.uuid4().hex[:8]
     tag, policy, bad, good = f"replicas-{sfx}", f"replicas-{sfx}", f"bad-{sfx}", f"good-{sfx}"
     cooling_key = f"{bad}/{bad}"
-    relay = PgRelay()
+    relay = Relay(("127.0.0.1", 5432)).start()
     config = replica_config(mock, tmp_path, policy, bad, good)
     spool = {name: tmp_path / name / "spool" for name in "ABC"}
     through_relay = pg_dsn.replace("127.0.0.1:5432/", f"127.0.0.1:{relay.port}/")
@@ -573,7 +517,7 @@ def test_three_replicas_behave_as_one_gateway(mock: MockUpstream, pg_dsn: str, t
         load.start()
         for name in "ABC":
             wait_for(lambda name=name: load.count(name) >= 2 * len(KINDS), 20, f"load through replica {name}")
-        relay.cut()
+        relay.stop()
         load.phase = "cut"
         wait_for(lambda: len(spooled(spool["C"])[0]) >= 10 and load.count("C", ["cut"]) >= 10, 20,
                  "replica C to answer and spool records while its database is away")
@@ -675,7 +619,7 @@ def test_three_replicas_behave_as_one_gateway(mock: MockUpstream, pg_dsn: str, t
     finally:
         if load is not None:
             load.stop()
-        relay.cut()
+        relay.stop()
         for r in running:
             r.stop()
         leftovers = [*redis_client.scan_iter(match=f"{LIMIT_PREFIX}*{policy}*"), COOLDOWN_PREFIX + cooling_key]

@@ -18,8 +18,9 @@ import redis
 
 from proxy.logs.schema import TABLE
 from tests.conftest import REDIS_DB, metric, wait_until
-from tests.faults.conftest import AUTH, HI, Relay, unique
+from tests.faults.conftest import AUTH, HI, unique
 from tests.faults.fault_upstream import ok
+from tests.relay import Relay
 
 COUNTER_WARNING = "limits not checked: the counter backend is unreachable"
 
@@ -30,7 +31,7 @@ def chat(gw: Any, model: str, **extra: Any) -> httpx.Response:
 
 
 def test_redis_down_then_back(start_fault_gateway, fault):
-    relay = Relay("127.0.0.1", 6379).start()
+    relay = Relay(("127.0.0.1", 6379)).start()
     direct = redis.Redis.from_url(f"redis://127.0.0.1:6379/{REDIS_DB}")
     lenient, strict = unique("faults-open"), unique("faults-closed")
     try:
@@ -106,7 +107,7 @@ async def _ids_in(dsn: str) -> list[str]:
 
 
 def test_postgres_down_then_back_spools_and_replays_exactly_once(start_fault_gateway, fault, pg_store, tmp_path):
-    relay = Relay("127.0.0.1", 5432).start()
+    relay = Relay(("127.0.0.1", 5432)).start()
     try:
         database = pg_store.rsplit("/", 1)[1]
         relayed = f"postgresql://postgres@127.0.0.1:{relay.port}/{database}"
