@@ -91,6 +91,7 @@ class GatewayProcess:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.05)
+        self.stop()  # never left running after a failed start: nobody else would stop it
         raise RuntimeError(f"gateway did not come up:\n{self.output.read_text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
