@@ -27,11 +27,15 @@ PIPELINE = ["auth", "routing", "credentials", "fallback"]
 HOSTNAME = socket.gethostname()
 
 
-def resolves_to_loopback(host: str) -> bool:
+def assert_host_name_is_loopback() -> None:
+    """The end-to-end rebinding cases need a name the gateway process resolves to loopback through the
+    machine's own resolver: its host name (in /etc/hosts on the gateway's machines). A machine without
+    that fails here loudly rather than skipping the case."""
     try:
-        return all(ipaddress.ip_address(i[4][0]).is_loopback for i in socket.getaddrinfo(host, 80))
-    except OSError:
-        return False
+        addresses = {i[4][0] for i in socket.getaddrinfo(HOSTNAME, 80)}
+    except OSError as exc:
+        pytest.fail(f"this machine's host name {HOSTNAME!r} does not resolve ({exc}); add it to /etc/hosts")
+    assert addresses == {"127.0.0.1"}, f"{HOSTNAME!r} resolves to {addresses}: expected 127.0.0.1 (/etc/hosts)"
 
 
 # -- unit: the policy -------------------------------------------------------------------------
@@ -147,8 +151,23 @@ def test_header_reason_lets_ordinary_headers_through() -> None:
 # -- unit: the connect-time check on the real client ---------------------------------------------
 
 
-def post(client: UpstreamClient, url: str, egress: str | None) -> Any:
+REBINDING = "rebind.egress.test"  # a name only the tests' resolver knows
+
+
+def post(client: UpstreamClient, url: str, egress: str | None, resolves_to: list[str] | None = None) -> Any:
+    """POST through `client`; with `resolves_to`, the loop's resolver answers those addresses for
+    REBINDING (what a DNS rebinding attacker's server would say), whatever this machine's DNS does."""
+
     async def go() -> Any:
+        loop = asyncio.get_running_loop()
+        system = loop.getaddrinfo
+
+        async def scripted(host: Any, port: Any, **kwargs: Any) -> Any:
+            if host == REBINDING and resolves_to is not None:
+                return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (a, port)) for a in resolves_to]
+            return await system(host, port, **kwargs)
+
+        loop.getaddrinfo = scripted  # type: ignore[method-assign]
         try:
             response = await client.post("p", url, {"Content-Type": "application/json"}, b"{}", connect_timeout=2,
                                          read_timeout=5, stream=False, egress=egress)
@@ -158,27 +177,29 @@ def post(client: UpstreamClient, url: str, egress: str | None) -> Any:
     return asyncio.run(go())
 
 
-@pytest.mark.skipif(not resolves_to_loopback(HOSTNAME), reason="the host name does not resolve to loopback here")
-def test_a_host_name_resolving_to_a_denied_address_is_refused_at_connect(mock: MockUpstream) -> None:
-    mock_upstream = mock
-    url = f"http://{HOSTNAME}:{mock_upstream.port}/v1/chat/completions"
+@pytest.mark.parametrize(("addresses", "denied"), [
+    (["127.0.0.1"], "127.0.0.1 is a loopback address"),
+    (["169.254.169.254"], "169.254.169.254 is a link-local address"),
+    (["93.184.215.14", "169.254.169.254"], "169.254.169.254 is a link-local address"),  # one bad answer is enough
+])
+def test_a_host_name_resolving_to_a_denied_address_is_refused_at_connect(mock: MockUpstream, addresses: list[str],
+                                                                          denied: str) -> None:
+    url = f"http://{REBINDING}:{mock.port}/v1/chat/completions"
     with pytest.raises(EgressDenied) as info:
-        post(UpstreamClient(EgressPolicy()), url, "customer_credentials.mock.api_base")
+        post(UpstreamClient(EgressPolicy()), url, "customer_credentials.mock.api_base", addresses)
     assert info.value.status == 422
     reason = info.value.extra["errors"]["customer_credentials.mock.api_base"][0]
-    assert f"host {HOSTNAME.lower()} resolves to 127.0.0.1" in reason and "loopback" in reason
-    assert mock_upstream.requests == []
+    assert f"host {REBINDING} resolves to {denied.split()[0]}" in reason and denied.split(" is ")[1] in reason
+    assert mock.requests == []
     # the operator's own URL (no egress field) is not checked at all
-    assert post(UpstreamClient(EgressPolicy()), url, None)[0] == 200
+    assert post(UpstreamClient(EgressPolicy()), url, None, ["127.0.0.1"])[0] == 200
 
 
-@pytest.mark.skipif(not resolves_to_loopback(HOSTNAME), reason="the host name does not resolve to loopback here")
 def test_an_allowed_address_connects_to_the_checked_address_with_the_host_name(mock: MockUpstream) -> None:
-    mock_upstream = mock
-    url = f"http://{HOSTNAME}:{mock_upstream.port}/v1/chat/completions"
-    status, _ = post(UpstreamClient(EgressPolicy(allow=["127.0.0.0/8"])), url, "field")
+    url = f"http://{REBINDING}:{mock.port}/v1/chat/completions"
+    status, _ = post(UpstreamClient(EgressPolicy(allow=["127.0.0.0/8"])), url, "field", ["127.0.0.1"])
     assert status == 200
-    assert mock_upstream.last()["headers"]["Host"] == f"{HOSTNAME}:{mock_upstream.port}"
+    assert mock.last()["headers"]["Host"] == f"{REBINDING}:{mock.port}"
 
 
 # -- end to end: llmrelay serve ---------------------------------------------------------------------
@@ -250,8 +271,8 @@ def test_e2e_tenant_urls_to_denied_addresses_are_refused_before_any_connection(s
     assert "customer_credentials.mock.api_base" in response.json()["errors"]
 
 
-@pytest.mark.skipif(not resolves_to_loopback(HOSTNAME), reason="the host name does not resolve to loopback here")
 def test_e2e_a_host_name_that_resolves_to_loopback_is_refused_at_connect(start_gateway, mock) -> None:
+    assert_host_name_is_loopback()
     gw = start(start_gateway)
     response = chat(gw, **tenant(f"http://{HOSTNAME}:{mock.port}/v1"))
     assert_refused(gw, mock, response, "customer_credentials.mock.api_base",
@@ -266,10 +287,10 @@ def test_e2e_the_allow_list_lets_an_internal_host_through(start_gateway, mock) -
     response = chat(gw, **tenant(f"http://127.0.0.1:{mock.port}/v1"))
     assert response.status_code == 200, response.text
     assert mock.last()["headers"]["Authorization"] == f"Bearer {SECRET}"
-    if resolves_to_loopback(HOSTNAME):
-        response = chat(gw, **tenant(f"http://{HOSTNAME}:{mock.port}/v1"))
-        assert response.status_code == 200, response.text
-        assert mock.last()["headers"]["Host"] == f"{HOSTNAME}:{mock.port}"
+    assert_host_name_is_loopback()
+    response = chat(gw, **tenant(f"http://{HOSTNAME}:{mock.port}/v1"))
+    assert response.status_code == 200, response.text
+    assert mock.last()["headers"]["Host"] == f"{HOSTNAME}:{mock.port}"
     mock.reset()
     # what the allow list does not name stays refused
     assert_refused(gw, mock, chat(gw, **tenant("http://169.254.169.254/v1")), "customer_credentials.mock.api_base",
@@ -317,14 +338,15 @@ def test_e2e_admin_providers_get_the_policy_and_header_checks(start_gateway, moc
                            ({"X-Team:": "a"}, "extra_kwargs.headers.X-Team:")]:
         response = create("https://api.example.com/v1", headers=headers)
         assert response.status_code == 400 and field in response.text, response.text
-    if resolves_to_loopback(HOSTNAME):  # a host name passes at creation; its connections are checked
-        provider = f"p-{uuid.uuid4().hex[:6]}"
-        body = {"provider_id": provider, "provider_name": "tenant", "api_key": SECRET,
-                "extra_kwargs": {"base_url": f"http://{HOSTNAME}:{mock.port}/v1"}}
-        assert admin_request(gw, "POST", "/api/providers/", body).status_code == 201
-        response = chat(gw, model=f"{provider}/mock-ok")
-        assert_refused(gw, mock, response, f"providers.{provider}.extra_kwargs.base_url",
-                       f"host {HOSTNAME.lower()} resolves to 127.0.0.1")
+    # a host name passes at creation; its connections are checked
+    assert_host_name_is_loopback()
+    provider = f"p-{uuid.uuid4().hex[:6]}"
+    body = {"provider_id": provider, "provider_name": "tenant", "api_key": SECRET,
+            "extra_kwargs": {"base_url": f"http://{HOSTNAME}:{mock.port}/v1"}}
+    assert admin_request(gw, "POST", "/api/providers/", body).status_code == 201
+    response = chat(gw, model=f"{provider}/mock-ok")
+    assert_refused(gw, mock, response, f"providers.{provider}.extra_kwargs.base_url",
+                   f"host {HOSTNAME.lower()} resolves to 127.0.0.1")
     assert mock.requests == []
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -246,7 +247,10 @@ def test_responses_event_type_of_another_type() -> None:
 
 def test_atheris_harness() -> None:
     """The coverage-guided harness (tests/fuzzers/atheris_taps.py), bounded and seeded: no input raises."""
-    pytest.importorskip("atheris")
+    # the test extras install atheris where it has a wheel (CPython 3.11 on x86_64, as here and in CI)
+    if not (sys.version_info[:2] == (3, 11) and platform.machine() == "x86_64"):
+        pytest.skip("atheris has no wheel for this Python or CPU; the hypothesis tests above still fuzz the taps")
+    import atheris  # noqa: F401  (installed by the test extras: a missing one fails here)
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, str(root / "tests/fuzzers/atheris_taps.py"), "-runs=30000", "-seed=1"],
                           cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, timeout=120)
