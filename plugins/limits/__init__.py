@@ -109,6 +109,8 @@ class LimitsStage:
         self._down_until = 0.0
         self._last_down_log = 0.0
         self._tasks: set[asyncio.Future[Any]] = set()  # writes and alerts still on their way
+        self._fixes: dict[str, Charge] = {}  # reconciliations of this loop turn, merged by counter
+        self._fixed: list[tuple[Applied, Charge]] = []  # ... and each request's own, for the warn thresholds
         self.admin = admin
         self.egress = EgressPolicy()  # create_stage sets the config's
         self.configured = policies  # from the config file and its API keys: read-only
@@ -360,8 +362,23 @@ class LimitsStage:
         if isinstance(self.counters, MemoryCounters):  # no I/O: settle it now
             self.counters.add_now([charge for _, charge in fixes])
             self._warn_after(fixes)
-        else:  # sent now, settled when Redis answers; no task, nothing waits on it
-            self._track(self.counters.add([charge for _, charge in fixes]), functools.partial(self._adjusted, fixes))
+            return
+        # Sent at the end of this loop turn, merged with the other requests finishing in it: one
+        # script call adds each counter's total (requests on one key share their counters).
+        merged = self._fixes
+        for _, charge in fixes:
+            pending = merged.get(charge.key)
+            merged[charge.key] = charge if pending is None else pending._replace(amount=pending.amount + charge.amount)
+        if not self._fixed:
+            asyncio.get_running_loop().call_soon(self._send_fixes)
+        self._fixed += fixes
+
+    def _send_fixes(self) -> None:
+        """Send the merged reconciliations; settled when Redis answers, no task, nothing waits on it."""
+        charges, fixes = list(self._fixes.values()), self._fixed
+        self._fixes, self._fixed = {}, []
+        if charges:
+            self._track(self.counters.add(charges), functools.partial(self._adjusted, fixes))
 
     def _adjusted(self, fixes: list[tuple[Applied, Charge]], error: BaseException | None) -> None:
         if error is not None:
@@ -433,6 +450,7 @@ class LimitsStage:
 
     async def shutdown(self) -> None:
         await self.store.stop()
+        self._send_fixes()
         if self._tasks:  # let reconciliations land before the counters close
             await asyncio.wait(list(self._tasks), timeout=2.0)
         for task in list(self._tasks):
