@@ -50,6 +50,9 @@ WEATHER_TOOLS = [
 class GatewayProcess:
     """`llmrelay serve` as a child process, with its config, log database and spool in tmp_path."""
 
+    # how the CLI is started (a test module may run it through a wrapper, e.g. tests/test_reload.py)
+    command: tuple[str, ...] = (sys.executable, "-m", "proxy.cli")
+
     def __init__(self, config: dict[str, Any] | None, workdir: Path, env: dict[str, str] | None = None,
                  workers: int = 1) -> None:
         """`config` None: no --config at all (the embedded defaults)."""
@@ -78,7 +81,7 @@ class GatewayProcess:
         with self.output.open("wb") as out:
             config = ["--config", str(self.config_path)] if self.has_config else []
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", *config, "--port", str(self.port),
+                [*self.command, "serve", *config, "--port", str(self.port),
                  "--workers", str(self.workers)],
                 cwd=self.workdir, env=self.env, stdout=out, stderr=subprocess.STDOUT,
             )

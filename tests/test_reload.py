@@ -17,6 +17,7 @@ the tests check that no attempt sent again ever reached the provider: the gatewa
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -35,6 +36,23 @@ from proxy.settings import ConfigError, load_settings
 from tests.conftest import ADMIN_KEYS, KEY, GatewayProcess, admin_request, base_config, wait_until
 
 RETRIED = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+# granian starts each new worker RESPAWN_INTERVAL (3 s) before it stops the old one, so one reload of
+# two workers took 6 s of waiting and this module's five reloads half a minute. Here the gateway runs
+# with 1 s: still an overlap (a worker is up in 0.2-0.5 s, the sinks here are local SQLite), and the
+# old worker still drains the 1.5 s streams it holds, which is what these tests look at.
+RESPAWN_INTERVAL = 1.0
+SERVE = (sys.executable, "-c",
+         "import sys, proxy.reload\n"
+         "assert hasattr(proxy.reload, 'RESPAWN_INTERVAL')\n"
+         f"proxy.reload.RESPAWN_INTERVAL = {RESPAWN_INTERVAL}\n"
+         "from proxy.cli import main\n"
+         "sys.exit(main())")
+
+
+@pytest.fixture(autouse=True)
+def fast_respawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(GatewayProcess, "command", SERVE)
 
 
 class Load:
