@@ -202,7 +202,7 @@ class FallbackStage:
         counter = self._success.get(target.provider)
         if counter is None:
             counter = self._success[target.provider] = self.metrics.attempts.labels(target.provider, "success")
-        counter.inc()
+        self.metrics.count(counter)
         if key:
             self.cooldowns.success(key)
 

@@ -113,6 +113,7 @@ def run(stage: fb.FallbackStage, call: Call, script: Callable[[Call], Any]) -> R
 
 
 def sample(stage: fb.FallbackStage, name: str, **labels: str) -> float:
+    stage.metrics.flush()  # counts reach the collectors at a flush, as before every scrape
     return stage.metrics.registry.get_sample_value(name, labels) or 0.0
 
 

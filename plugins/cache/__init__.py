@@ -129,9 +129,9 @@ class CacheStage:
             await call.ready()  # a refused request is not answered, not even from the cache
         reply = self.replay(call, entry, settings) if entry is not None else None
         if reply is not None:
-            self.hits.inc()
+            self.metrics.count(self.hits)
             return reply
-        self.misses.inc()
+        self.metrics.count(self.misses)
         reply = await next(call)
         reply.headers[HEADER] = "miss"
         if reply.status == 200:
@@ -208,7 +208,7 @@ class CacheStage:
             return
         exc = done.exception()
         if exc is None:
-            self.metrics.cache_stores.inc()
+            self.metrics.count(self.metrics.cache_stores)
         else:
             log.warning("could not store a cache entry (%s: %s)", type(exc).__name__, exc)
 
