@@ -368,7 +368,8 @@ class LimitsStage:
         merged = self._fixes
         for _, charge in fixes:
             pending = merged.get(charge.key)
-            merged[charge.key] = charge if pending is None else pending._replace(amount=pending.amount + charge.amount)
+            merged[charge.key] = charge if pending is None else Charge(charge.key, pending.amount + charge.amount,
+                                                                        charge.limit, pending.ttl)
         if not self._fixed:
             asyncio.get_running_loop().call_soon(self._send_fixes)
         self._fixed += fixes
