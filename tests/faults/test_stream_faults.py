@@ -201,12 +201,13 @@ def test_client_gone_while_the_gateway_waits_is_a_499_and_the_upstream_is_closed
 
 def test_client_gone_during_a_retry_back_off_stops_the_retries(gw, fault):
     model = unique("backoff")
-    fault.default(model, lambda n: fail(429, "wait", headers={"retry-after": "3"}))
+    # a 2 s back-off: the client (0.5 s timeout) leaves well inside it, and the wait below ends 1 s past it
+    fault.default(model, lambda n: fail(429, "wait", headers={"retry-after": "2"}))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{gw.url}/api/chat/completions", headers=AUTH, timeout=0.5,
                    json={"model": f"fault-patient/{model}", "messages": HI,
                          "retry_params": {"num_retries": 3, "retry_after": 0.1}})
     record = gw.records(where="model_requested = ?", args=(f"fault-patient/{model}",))[0]
     assert record["status_code"] == 499
-    time.sleep(3.5)  # past the Retry-After: no retry went out for a client that is gone
+    time.sleep(2.5)  # past the Retry-After: no retry went out for a client that is gone
     assert fault.count(model) == 1
