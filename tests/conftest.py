@@ -271,6 +271,45 @@ def add_tool_call_deltas(calls: dict[int, dict[str, Any]], deltas: Iterable[Any]
             slot["arguments"] += delta.function.arguments
 
 
+# tests/run spreads whole files over two processes (pytest-xdist --dist loadfile), handing each process
+# the next file when it is almost done. By default xdist hands out the files with the most tests first,
+# which left these, few tests that take long (gateways reloaded, restarted, cut off from their backends,
+# several replicas), for the end: one of them running on one process while the other had nothing left
+# decided the wall clock. pyproject's --no-loadscope-reorder keeps the order this hook makes: these
+# first, roughly longest first, then the rest as xdist ordered them (most tests first). Only the order
+# changes: every file still runs whole, in one process.
+SLOW_FILES = (
+    "tests/test_reload.py",
+    "tests/test_http_sink.py",
+    "tests/faults/test_backend_faults.py",
+    "tests/test_metrics.py",
+    "tests/test_replicas.py",
+    "tests/test_logging.py",
+    "tests/test_ready.py",
+    "tests/faults/test_stream_faults.py",
+    "tests/test_cooldowns.py",
+    "tests/faults/test_connection_faults.py",
+    "tests/test_shutdown.py",
+    "tests/faults/test_status_faults.py",
+    "tests/faults/test_flapping.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def file_of(item: pytest.Item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[file_of(item)] = counts.get(file_of(item), 0) + 1
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = file_of(item)
+        return (SLOW_FILES.index(name), 0) if name in SLOW_FILES else (len(SLOW_FILES), -counts[name])
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def mock_upstream() -> Iterator[MockUpstream]:
     yield from serving(MockUpstream())
