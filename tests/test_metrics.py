@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.logs.sinks.sqlite import read_records
 from proxy.metrics import FLUSH_INTERVAL
-from tests.conftest import KEY, UPSTREAM_KEY, GatewayProcess
+from tests.conftest import KEY, UPSTREAM_KEY, GatewayProcess, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -186,8 +186,14 @@ def test_two_workers_share_their_counts(start_gateway, mock):
     deadline = time.monotonic() + 15  # generous: the log writers of both workers, on a loaded machine
     while scrape(gw).get("llmrelay_log_records_written_total") < 40 and time.monotonic() < deadline:
         time.sleep(0.05)
-    # each worker applies its request metrics to the shared files every FLUSH_INTERVAL (0.5 s)
-    time.sleep(FLUSH_INTERVAL + 0.5)
+    # each worker applies its request metrics to the shared files every FLUSH_INTERVAL (0.5 s): a
+    # scrape shows all 20 once both have (the sum over both files), less until then
+    def flushed() -> bool:
+        m = scrape(gw)
+        return all(m.get(name) == 20 for name in ("llmrelay_requests_total", "llmrelay_request_latency_seconds_count",
+                                                   "llmrelay_gateway_overhead_seconds_count"))
+
+    assert wait_until(flushed, 5)
     for _ in range(8):  # whichever worker answers, it reports the sum over both
         m = scrape(gw)
         assert m.get("llmrelay_requests_total") == 20
