@@ -15,7 +15,7 @@ import redis
 
 from plugins.limits import LimitExceeded, LimitsStage, rate_limit_headers
 from plugins.limits.counters import KEY_PREFIX, Charge, MemoryCounters, RedisCounters, reserve
-from plugins.limits.policy import Policy, customer_policies, key_policies, parse_policies
+from plugins.limits.policy import Policy, counter_key, customer_policies, key_policies, parse_policies
 from plugins.limits.windows import bounds, seconds_left
 from proxy.call import Call, KeyInfo, Reply, Usage
 from proxy.catalog import load_catalog
@@ -251,7 +251,7 @@ async def request(stage: LimitsStage, call: Call, upstream: Upstream) -> Reply:
     reply = await stage(call, upstream)
     for hook in call.finish_hooks:
         hook(call)
-    while stage._tasks:
+    while stage._tasks or stage._fixed:  # reconciliations go out at the end of the loop turn
         await asyncio.sleep(0)
     return reply
 
@@ -577,5 +577,46 @@ def test_a_refusal_wins_over_a_later_stage_that_answers_or_fails_without_waiting
             counters.release()
             with pytest.raises(LimitExceeded):
                 await second
+
+    asyncio.run(run())
+
+
+# -- reconciliations: merged per loop turn --------------------------------------------------------------
+
+
+class RecordingRedisCounters(RedisCounters):
+    def __init__(self, client: RedisClient) -> None:
+        super().__init__(client)
+        self.added: list[list[Charge]] = []
+
+    def add(self, charges: list[Charge]) -> asyncio.Future[None]:
+        self.added.append(list(charges))
+        return super().add(charges)
+
+
+def test_reconciliations_finishing_in_one_loop_turn_reach_redis_as_one_merged_call(redis_keys):
+    """Three requests that finish together: one ADD script call, one charge per counter, holding the sum of
+    their corrections; the counters end at what was used."""
+
+    async def run() -> None:
+        counters = RecordingRedisCounters(RedisClient(REDIS_URL))
+        tokens = {"name": f"tok-{redis_keys}", "scope": "api_key", "metric": "tokens", "window": "day",
+                  "block_threshold": 1e9}
+        cost = {"name": f"usd-{redis_keys}", "scope": "api_key", "metric": "cost", "window": "day",
+                "block_threshold": 1e9}
+        stage = stage_with(tokens, cost, counters=counters)
+        upstream = Upstream(usage=Usage(prompt_tokens=10, completion_tokens=5), cost=0.25)
+        calls = [make_call(text="x" * (400 * (i + 1))) for i in range(3)]  # three different estimates
+        await asyncio.gather(*(stage(call, upstream) for call in calls))
+        for call in calls:
+            for hook in call.finish_hooks:
+                hook(call)
+        assert counters.added == []  # nothing sent yet: at the end of this loop turn
+        while stage._tasks or stage._fixed:
+            await asyncio.sleep(0)
+        assert len(counters.added) == 1 and len(counters.added[0]) == 2  # one call; one charge per counter
+        start = bounds("day", stage.clock())[0]
+        for policy, used in ((stage.policies[0], 3 * 15.0), (stage.policies[1], 3 * 0.25)):
+            assert await counters.value(counter_key(policy, "team-a", start)) == pytest.approx(used)
 
     asyncio.run(run())

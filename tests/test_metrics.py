@@ -13,7 +13,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.logs.sinks.sqlite import read_records
-from proxy.metrics import FLUSH_INTERVAL
+from proxy.metrics import FLUSH_INTERVAL, Metrics
 from tests.conftest import KEY, UPSTREAM_KEY, GatewayProcess, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -323,3 +323,18 @@ def test_internal_map_sizes_are_exposed_and_bounded(start_gateway, mock):
     assert sizes["cooldowns.cooling"] == 0
     assert sizes["metrics.model_labels"] == 2  # gpt-test, and respan/cache for the hit
     assert {"upstream.request_heads", "redis.clients", "limits.alerted", "cache.pending_stores"} <= set(sizes)
+
+
+def test_counts_reach_the_counters_at_the_flush():
+    """Per-request counts from the stages (Metrics.count) are tallied, then applied by flush(), which every
+    scrape runs first."""
+    metrics = Metrics()
+    hit = metrics.cache_lookups.labels("hit")
+    for _ in range(3):
+        metrics.count(hit)
+    metrics.count(metrics.cache_stores)
+    assert metrics.registry.get_sample_value("llmrelay_cache_lookups_total", {"result": "hit"}) == 0
+    assert b'llmrelay_cache_lookups_total{result="hit"} 3.0' in metrics.render()[0]
+    assert metrics.registry.get_sample_value("llmrelay_cache_stores_total") == 1
+    metrics.flush()  # applied once, not again
+    assert metrics.registry.get_sample_value("llmrelay_cache_lookups_total", {"result": "hit"}) == 3
