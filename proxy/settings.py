@@ -146,7 +146,9 @@ class Retention(Struct):
 
 class Logs(Struct):
     queue_size: int = 10_000
-    batch_size: int = 500
+    # small batches, often: one core writing 500 rows at once held up the requests meanwhile (p99 at
+    # concurrency 1: 4.3-4.8 ms with 500, 2.9-3.0 ms with 32; no measurable CPU cost at 64)
+    batch_size: int = 32
     flush_interval: float = 0.2
     spool_dir: str = f"{DATA_DIR}/spool"
     sinks: list[LogSink] = msgspec.field(default_factory=lambda: [LogSink(type="sqlite", path=f"{DATA_DIR}/logs.db")])

@@ -47,7 +47,7 @@ class LogQueue:
         metrics: Metrics,
         *,
         maxsize: int = 10000,
-        batch_size: int = 500,
+        batch_size: int = 32,
         flush_interval: float = 0.2,
         replay_interval: float = 2.0,
     ) -> None:
