@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -160,6 +161,23 @@ def metric(url: str, sample: str, **labels: str) -> float:
             if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+@contextlib.asynccontextmanager
+async def app_lifespan(app: Any) -> AsyncIterator[None]:
+    """Run an ASGI app's lifespan around the block, for tests that drive the app in process (its
+    shutdown flushes the log queue)."""
+    startup: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await startup.put({"type": "lifespan.startup"})
+    lifespan = asyncio.ensure_future(app({"type": "lifespan"}, startup.get, events.put))
+    assert (await events.get())["type"] == "lifespan.startup.complete"
+    try:
+        yield
+    finally:
+        await startup.put({"type": "lifespan.shutdown"})
+        assert (await events.get())["type"] == "lifespan.shutdown.complete"
+        await lifespan
 
 
 def base_config(mock: MockUpstream, workdir: Path, extra_providers: Iterable[dict[str, Any]] = (),

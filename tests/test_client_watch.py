@@ -15,7 +15,7 @@ from proxy.app import App, build_app
 from proxy.endpoints.base import WATCH_AFTER
 from proxy.logs.sinks.sqlite import read_records
 from proxy.settings import load_settings
-from tests.conftest import KEY, MockUpstream, base_config
+from tests.conftest import KEY, MockUpstream, app_lifespan, base_config
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -53,17 +53,10 @@ def serve(app: App, *clients: Client) -> None:
              "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")]}
 
     async def scenario() -> None:
-        startup: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        await startup.put({"type": "lifespan.startup"})
-        lifespan = asyncio.ensure_future(app({"type": "lifespan"}, startup.get, events.put))
-        assert (await events.get())["type"] == "lifespan.startup.complete"
-        for client in clients:
-            await app(dict(scope), client.receive, client.send)
-        await asyncio.sleep(2 * WATCH_AFTER)  # a watch left behind would call receive() again by now
-        await startup.put({"type": "lifespan.shutdown"})  # flushes the log queue
-        assert (await events.get())["type"] == "lifespan.shutdown.complete"
-        await lifespan
+        async with app_lifespan(app):
+            for client in clients:
+                await app(dict(scope), client.receive, client.send)
+            await asyncio.sleep(2 * WATCH_AFTER)  # a watch left behind would call receive() again by now
 
     asyncio.run(scenario())
 

@@ -300,7 +300,7 @@ def test_a_client_gone_before_the_stream_starts_is_still_logged(mock, tmp_path):
     from proxy.app import build_app
     from proxy.logs.sinks.sqlite import read_records
     from proxy.settings import load_settings
-    from tests.conftest import base_config
+    from tests.conftest import app_lifespan, base_config
 
     config = tmp_path / "llmrelay.yaml"
     config.write_text(yaml.safe_dump(base_config(mock, tmp_path)))
@@ -311,11 +311,6 @@ def test_a_client_gone_before_the_stream_starts_is_still_logged(mock, tmp_path):
              "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")]}
 
     async def scenario() -> int:
-        startup: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        await startup.put({"type": "lifespan.startup"})
-        lifespan = asyncio.ensure_future(app({"type": "lifespan"}, startup.get, events.put))
-        assert (await events.get())["type"] == "lifespan.startup.complete"
         messages = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive() -> dict[str, Any]:
@@ -327,12 +322,9 @@ def test_a_client_gone_before_the_stream_starts_is_still_logged(mock, tmp_path):
         async def send(message: dict[str, Any]) -> None:
             raise OSError("the client is gone")
 
-        await app(scope, receive, send)
-        in_flight = app.gateway.metrics.in_flight_now
-        await startup.put({"type": "lifespan.shutdown"})
-        assert (await events.get())["type"] == "lifespan.shutdown.complete"
-        await lifespan
-        return in_flight
+        async with app_lifespan(app):
+            await app(scope, receive, send)
+            return app.gateway.metrics.in_flight_now
 
     assert asyncio.run(scenario()) == 0
     rows = read_records(tmp_path / "logs.db")
