@@ -293,7 +293,7 @@ def add_tool_call_deltas(calls: dict[int, dict[str, Any]], deltas: Iterable[Any]
 # the next file when it is almost done. By default xdist hands out the files with the most tests first,
 # which left these, few tests that take long (gateways reloaded, restarted, cut off from their backends,
 # several replicas), for the end: one of them running on one process while the other had nothing left
-# decided the wall clock. pyproject's --no-loadscope-reorder keeps the order this hook makes: these
+# decided the wall clock. tests/run's --no-loadscope-reorder keeps the order this hook makes: these
 # first, roughly longest first, then the rest as xdist ordered them (most tests first). Only the order
 # changes: every file still runs whole, in one process.
 SLOW_FILES = (
