@@ -437,6 +437,71 @@ def test_customer_budget_counts_the_markup():
     asyncio.run(run())
 
 
+def test_a_policy_added_later_applies_to_the_next_request():
+    async def run() -> None:
+        stage = stage_with({"name": "day", "scope": "api_key", "metric": "requests", "window": "day",
+                            "block_threshold": 100})
+        assert await admitted(stage, Upstream(), 2) == 2  # the (key, customer, model) rules are now remembered
+        stage.set_policies([*stage.configured, *parse_policies([
+            {"name": "one", "scope": "api_key", "scope_id": "team-a", "metric": "requests", "window": "minute",
+             "block_threshold": 1}])])
+        assert await admitted(stage, Upstream(), 3) == 1
+        stage.set_policies(stage.configured)  # and a removed one stops applying
+        assert await admitted(stage, Upstream(), 3) == 3
+
+    asyncio.run(run())
+
+
+def test_a_changed_customer_budget_applies_at_once_and_a_forgotten_one_stops(monkeypatch):
+    async def run() -> None:
+        stage = stage_with()
+        assert await admitted(stage, Upstream(), 2, customer_identifier="acme") == 2  # no budget yet
+        assert await admitted(stage, Upstream(), 2, customer_params={"customer_identifier": "acme",
+                                                                        "rate_limit": 1}) == 1
+        raised = {"customer_identifier": "acme", "rate_limit": 3}
+        assert await admitted(stage, Upstream(), 3, customer_params=raised) == 2  # 1 of 3 already used
+        monkeypatch.setattr("plugins.limits.REMEMBERED_CUSTOMERS", 1)
+        assert await admitted(stage, Upstream(), 1, customer_params={"customer_identifier": "other",
+                                                                        "rate_limit": 5}) == 1
+        assert await admitted(stage, Upstream(), 2, customer_identifier="acme") == 2  # acme's budget is forgotten
+
+    asyncio.run(run())
+
+
+def test_budgets_stored_for_a_customer_apply_and_stop_applying_when_removed():
+    async def run() -> None:
+        stage = stage_with({"name": "day", "scope": "api_key", "metric": "requests", "window": "day",
+                            "block_threshold": 100})  # so that the stage works out the rules of every request
+        assert await admitted(stage, Upstream(), 2, customer_identifier="acme") == 2
+        stage.set_stored_customers({"acme": {"rate_limit": 3}})
+        assert await admitted(stage, Upstream(), 4, customer_identifier="acme") == 3
+        stage.set_stored_customers({})
+        assert await admitted(stage, Upstream(), 2, customer_identifier="acme") == 2
+
+    asyncio.run(run())
+
+
+def test_each_request_is_counted_in_the_window_it_arrives_in():
+    async def run() -> None:
+        clock = Clock("2026-11-24T10:00:59")
+        stage = stage_with({"name": "r", "scope": "api_key", "metric": "requests", "window": "minute",
+                            "block_threshold": 10}, clock=clock)
+        upstream = Upstream()
+        await request(stage, make_call(), upstream)
+        clock.advance(1)  # the next minute: a new counter
+        reply = await request(stage, make_call(), upstream)
+        assert reply.headers["x-ratelimit-remaining"] == "9"
+        assert reply.headers["x-ratelimit-reset"] == "60"
+        clock.advance(-30)  # a clock stepped back counts in the window it now reads
+        reply = await request(stage, make_call(), upstream)
+        assert reply.headers["x-ratelimit-remaining"] == "8"
+        assert reply.headers["x-ratelimit-reset"] == "30"
+        key = counter_key(stage.policies[0], "team-a", int(ts("2026-11-24T10:00:00")))
+        assert await stage.counters.value(key) == 2
+
+    asyncio.run(run())
+
+
 class DownCounters:
     def submit_reserve(self, charges):
         answer = asyncio.get_running_loop().create_future()

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -54,6 +55,7 @@ BACKEND_DOWN = "limits not checked: the counter backend is unreachable"
 WINDOW_MARGIN = 60  # seconds a counter outlives its window, for late reconciliations
 REMEMBERED_CUSTOMERS = 100_000  # customers whose budgets this process remembers
 RETRY_BACKEND = 1.0  # seconds a failed backend is not asked again
+MAX_PLANS = 10_000  # (key, customer, model) combinations whose rules are remembered
 
 
 class LimitExceeded(GatewayError):
@@ -93,6 +95,27 @@ class Applied:
         self.value = 0.0  # the counter after the reservation
 
 
+class Rule:
+    """One policy as it applies to one scope value, with its counter in the current window (worked
+    out again when a request arrives after that window's end)."""
+
+    __slots__ = ("policy", "scope_value", "window_start", "window_end", "until", "key")
+
+    def __init__(self, policy: Policy, scope_value: str) -> None:
+        self.policy = policy
+        self.scope_value = scope_value
+        self.window_start = 0
+        self.window_end: float | None = None
+        self.until = -1.0  # the current window is [window_start, until); none yet
+        self.key = ""
+
+    def roll(self, now: float) -> None:
+        start, end = bounds(self.policy.window, now)
+        self.window_start, self.window_end = start, end
+        self.until = float("inf") if end is None else end
+        self.key = counter_key(self.policy, self.scope_value, start)
+
+
 class LimitsStage:
     def __init__(self, policies: list[Policy], counters: Counters, models: ModelTable, metrics: Metrics,
                  notifier: Any = None, *, clock: Callable[[], float] = time.time, redis_url: str | None = None,
@@ -105,6 +128,9 @@ class LimitsStage:
         self._customers: dict[str, list[Policy]] = {}  # budgets from customer_params, newest last
         self._stored_customers: dict[str, dict[str, Any]] = {}  # customer settings from /api/users/
         self._stored_policies: dict[str, list[Policy]] = {}
+        # the rules that apply to a (key name, customer, model), worked out on its first request
+        # and forgotten whenever a policy or a customer's budget changes
+        self._plans: dict[tuple[str | None, str | None, str | None], list[Rule]] = {}
         self._alerted: dict[str, float] = {}  # alert key -> its window's end (dedupe within this process)
         self._down_until = 0.0
         self._last_down_log = 0.0
@@ -151,6 +177,7 @@ class LimitsStage:
                 self._customers.pop(customer, None)
         self._stored_customers = settings
         self._stored_policies = policies
+        self._plans = {}
 
     def set_policies(self, policies: list[Policy]) -> None:
         """Index the policies by scope: exact (scope, id) matches, and those for every id."""
@@ -162,6 +189,7 @@ class LimitsStage:
                 self._each.setdefault(p.scope, []).append(p)
             else:
                 self._exact.setdefault((p.scope, p.scope_id), []).append(p)
+        self._plans = {}
 
     # -- the request path --------------------------------------------------------------
 
@@ -173,10 +201,10 @@ class LimitsStage:
             return next(call)
         return self.counted(call, next, matched)
 
-    async def counted(self, call: Call, next: Next, matched: list[tuple[Policy, str]]) -> Reply:
+    async def counted(self, call: Call, next: Next, matched: list[Rule]) -> Reply:
         now = self.clock()
         applied = self.charges(call, matched, now)
-        gate = self._reserve(call, applied)
+        gate = self._reserve(call, applied, now)
         # The stages after this one go on while Redis decides (the cache's lookup shares the write);
         # the first upstream attempt and a cache hit wait for the decision (Call.ready).
         call.hold(gate)
@@ -190,36 +218,51 @@ class LimitsStage:
         except BaseException:  # cancelled: the client left
             _retrieve(gate)
             raise
-        decision = gate.result() if gate.done() else await gate  # decided unless nobody after this asked
-        if decision is not None:
-            reply.headers.update(rate_limit_headers(applied, now))
+        headers = gate.result() if gate.done() else await gate  # decided unless nobody after this asked
+        if headers:
+            reply.headers.update(headers)
         return reply
 
-    def _decide(self, call: Call, applied: list[Applied], decision: Decision | None) -> Decision | None:
-        """Apply the backend's decision to the request; raises the refusal."""
+    def _decide(self, call: Call, applied: list[Applied], decision: Decision | None,
+                now: float) -> dict[str, str] | None:
+        """Apply the backend's decision to the request: the log's limit_info, warnings, the
+        reconciliation at the finish; returns the x-ratelimit-* headers, raises the refusal."""
         if decision is None:
             return self._unchecked(call, applied)
         call.state["limit_info"] = limit_info(applied, decision)  # the log detail's limit_info
         if not decision.admitted:
             raise self._refuse(call, applied, decision)
+        reconciled = False
         for a, value in zip(applied, decision.values, strict=True):
             a.value = value
-            warn = a.policy.warn_threshold
+            policy = a.policy
+            warn = policy.warn_threshold
             if warn is not None and value >= warn:
-                self.metrics.limit_warnings.labels(a.policy.scope, a.policy.metric).inc()
+                self.metrics.limit_warnings.labels(policy.scope, policy.metric).inc()
                 self._alert("limit.warn", a, warn, value)
-        if any(a.policy.metric != "requests" for a in applied):
+            if policy.metric != "requests":
+                reconciled = True
+        if reconciled:
             call.finish_hooks.append(lambda finished: self._reconcile(finished, applied))
-        return decision
+        return rate_limit_headers(applied, now)
 
-    def applicable(self, call: Call) -> list[tuple[Policy, str]]:
-        found: list[tuple[Policy, str]] = [(p, ORGANIZATION) for p in self._each.get("organization", ())]
+    def applicable(self, call: Call) -> list[Rule]:
         params = call.params
         customer = params.customer()
         if customer is not None and params.customer_params:
             self._remember_customer(customer, params.customer_params)
-        for scope, value in (("api_key", call.key.name if call.key else None), ("customer", customer),
-                             ("model", call.model or None)):
+        scope_values = (call.key.name if call.key else None, customer, call.model or None)
+        plan = self._plans.get(scope_values)
+        if plan is None:
+            plan = [Rule(policy, value) for policy, value in self._matching(*scope_values)]
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[scope_values] = plan
+        return plan
+
+    def _matching(self, key_name: str | None, customer: str | None, model: str | None) -> list[tuple[Policy, str]]:
+        found: list[tuple[Policy, str]] = [(p, ORGANIZATION) for p in self._each.get("organization", ())]
+        for scope, value in (("api_key", key_name), ("customer", customer), ("model", model)):
             if value is None:
                 continue
             found += [(p, value) for p in self._each.get(scope, ())]
@@ -240,31 +283,36 @@ class LimitsStage:
             raise ValidationFailed(field, message) from None
         if not policies:
             return
-        self._customers.pop(customer, None)
-        self._customers[customer] = policies
+        if self._customers.pop(customer, None) != policies:
+            self._plans = {}  # a new budget, or a new customer (which may push the oldest out below)
+        self._customers[customer] = policies  # (the newest last)
         if len(self._customers) > REMEMBERED_CUSTOMERS:
             del self._customers[next(iter(self._customers))]
 
-    def charges(self, call: Call, matched: list[tuple[Policy, str]], now: float) -> list[Applied]:
+    def charges(self, call: Call, plan: list[Rule], now: float) -> list[Applied]:
         tokens: int | None = None
         cost: float | None = None
         applied = []
-        for policy, value in matched:
-            if policy.metric == "requests":
+        for rule in plan:
+            policy = rule.policy
+            metric = policy.metric
+            if metric == "requests":
                 amount = 1.0
             else:
                 if tokens is None:
                     tokens = estimate.prompt_tokens(call.body)
-                if policy.metric == "tokens":
+                if metric == "tokens":
                     amount = float(tokens)
                 else:
                     if cost is None:
                         cost = tokens * self.input_price(call) / 1e6
                     amount = cost * policy.markup
-            start, end = bounds(policy.window, now)
+            if not rule.window_start <= now < rule.until:
+                rule.roll(now)
+            end = rule.window_end
             ttl = int(end - now) + WINDOW_MARGIN if end is not None else 0
-            key = counter_key(policy, value, start)
-            applied.append(Applied(policy, value, Charge(key, amount, policy.block_threshold, ttl), start, end))
+            applied.append(Applied(policy, rule.scope_value, Charge(rule.key, amount, policy.block_threshold, ttl),
+                                   rule.window_start, end))
         return applied
 
     def input_price(self, call: Call) -> float:
@@ -275,21 +323,21 @@ class LimitsStage:
             return 0.0
         return target.prices.input if target.prices is not None else 0.0
 
-    def _reserve(self, call: Call, applied: list[Applied]) -> asyncio.Future[Decision | None]:
+    def _reserve(self, call: Call, applied: list[Applied], now: float) -> asyncio.Future[dict[str, str] | None]:
         """The reservation, sent now; the gate it returns is decided when the backend answers (at
         once in memory), with the refusal as its exception."""
-        gate: asyncio.Future[Decision | None] = asyncio.get_running_loop().create_future()
+        gate: asyncio.Future[dict[str, str] | None] = asyncio.get_running_loop().create_future()
         if time.monotonic() < self._down_until:
-            self._settle(gate, call, applied, None)
+            self._settle(gate, call, applied, now, None)
             return gate
         answer = self.counters.submit_reserve([a.charge for a in applied])
         if answer.done():
-            self._answered(gate, call, applied, answer)
+            self._answered(gate, call, applied, now, answer)
         else:
-            answer.add_done_callback(functools.partial(self._answered, gate, call, applied))
+            answer.add_done_callback(functools.partial(self._answered, gate, call, applied, now))
         return gate
 
-    def _answered(self, gate: asyncio.Future[Decision | None], call: Call, applied: list[Applied],
+    def _answered(self, gate: asyncio.Future[dict[str, str] | None], call: Call, applied: list[Applied], now: float,
                   answer: asyncio.Future[Any]) -> None:
         try:
             decision: Decision | None = self.counters.decision(answer.result())
@@ -297,12 +345,12 @@ class LimitsStage:
             self._down_until = time.monotonic() + RETRY_BACKEND
             self._log_down(exc)
             decision = None
-        self._settle(gate, call, applied, decision)
+        self._settle(gate, call, applied, now, decision)
 
-    def _settle(self, gate: asyncio.Future[Decision | None], call: Call, applied: list[Applied],
+    def _settle(self, gate: asyncio.Future[dict[str, str] | None], call: Call, applied: list[Applied], now: float,
                 decision: Decision | None) -> None:
         try:
-            gate.set_result(self._decide(call, applied, decision))
+            gate.set_result(self._decide(call, applied, decision, now))
         except GatewayError as refusal:
             gate.set_exception(refusal)
 
@@ -473,23 +521,28 @@ def limit_info(applied: list[Applied], decision: Decision) -> dict[str, Any]:
 
 def rate_limit_headers(applied: list[Applied], now: float, values: list[float] | None = None) -> dict[str, str]:
     """x-ratelimit-* for the tightest policy with a block threshold: the least budget left, relatively."""
-    tightest: tuple[float, Applied, float] | None = None
+    tightest: Applied | None = None
+    least = math.inf
+    at = 0.0
     for i, a in enumerate(applied):
         limit = a.policy.block_threshold
         if limit is None:
             continue
         value = values[i] if values is not None else a.value
-        remaining = max(limit - value, 0.0)
-        share = remaining / limit if limit else 0.0
-        if tightest is None or share < tightest[0]:
-            tightest = (share, a, remaining)
-    if tightest is None:
-        return {}
-    _, a, remaining = tightest
+        share = max(limit - value, 0.0) / limit if limit else 0.0
+        if share < least:
+            tightest, least, at = a, share, value
+    return _headers(tightest, at, now) if tightest is not None else {}
+
+
+def _headers(a: Applied, value: float, now: float) -> dict[str, str]:
+    """x-ratelimit-* for policy `a` (one with a block threshold) at counter value `value`."""
+    policy = a.policy
+    limit = policy.block_threshold or 0.0
     headers = {
-        "x-ratelimit-limit": _number(a.policy.block_threshold or 0.0),
-        "x-ratelimit-remaining": _number(remaining),
-        "x-ratelimit-policy": f"{a.policy.name};metric={a.policy.metric};window={a.policy.window}",
+        "x-ratelimit-limit": _number(limit),
+        "x-ratelimit-remaining": _number(max(limit - value, 0.0)),
+        "x-ratelimit-policy": f"{policy.name};metric={policy.metric};window={policy.window}",
     }
     reset = seconds_left(a.window_end, now)
     if reset is not None:
