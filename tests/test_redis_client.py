@@ -300,6 +300,37 @@ def test_commands_of_one_loop_turn_go_out_in_one_write(run: Run, prefix: str, wr
     run(main())
 
 
+def test_held_writes_go_out_with_the_next_awaited_command_or_after_a_moment(
+        run: Run, prefix: str, writes: list[bytes]) -> None:
+    """A write nobody waits for (later=True: a cache store, a limit reconciliation) does not go out
+    alone: it rides with the next command someone awaits, ahead of it, so Redis sees it first; with
+    none coming, it goes out HOLD_WRITES seconds later on its own."""
+
+    async def main() -> None:
+        client = RedisClient(REDIS_URL)
+        assert await client.execute("PING") == b"PONG"
+        writes.clear()
+        held = client.submit("SET", f"{prefix}:k", "v1", later=True)
+        script = client.submit_script(Script("return redis.call('INCR', KEYS[1])"), [f"{prefix}:n"], [],
+                                      later=True)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert writes == [] and not held.done() and not script.done()  # a few loop turns on, still held
+        assert await client.execute("GET", f"{prefix}:k") == b"v1"  # the GET went out after the SET
+        assert [names(w) for w in writes] == [[b"SET", b"SCRIPT LOAD", b"EVALSHA", b"GET"]]
+        assert await held == b"OK" and await script == 1
+
+        writes.clear()
+        started = time.monotonic()
+        alone = client.submit("SET", f"{prefix}:k", "v2", later=True)
+        assert await alone == b"OK"  # nothing else came: it went out by itself
+        assert time.monotonic() - started >= redis_module.HOLD_WRITES * 0.9
+        assert [names(w) for w in writes] == [[b"SET"]]
+        await client.close()
+
+    run(main())
+
+
 def test_commands_submitted_before_the_connection_is_up_go_out_together_and_first(
         run: Run, prefix: str, writes: list[bytes]) -> None:
     """A fresh client: what is submitted while it connects waits, in order, and goes out in one write

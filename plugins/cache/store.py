@@ -152,9 +152,10 @@ class RedisStore(_Listing):
         return entry if entry.expires > time.time() else None
 
     def set(self, key: str, entry: Entry) -> asyncio.Future[Any]:
-        """Sent at once (with this loop turn's other commands); the future says whether it landed."""
+        """Sent with the next command someone awaits (a lookup, a limit reservation), or within a few
+        milliseconds (RedisClient's `later`); the future says whether it landed."""
         ttl_ms = max(int((entry.expires - time.time()) * 1000), 1)
-        return self.redis.submit("SET", NAMESPACE + key, self._encoder.encode(entry), "PX", ttl_ms)
+        return self.redis.submit("SET", NAMESPACE + key, self._encoder.encode(entry), "PX", ttl_ms, later=True)
 
     async def delete(self, key: str) -> bool:
         return bool(await self.redis.execute("DEL", NAMESPACE + key))

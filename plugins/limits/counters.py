@@ -42,7 +42,8 @@ class Counters(Protocol):
 
     def add(self, charges: list[Charge]) -> Awaitable[None]:
         """Add each amount to its counter, without a check (a reconciliation). The write starts
-        at once; awaiting the result says whether it landed."""
+        at once (on Redis: with the next command someone awaits, or within a few milliseconds);
+        awaiting the result says whether it landed."""
         ...
 
     async def value(self, key: str) -> float: ...
@@ -181,7 +182,7 @@ class RedisCounters:
         args: list[Arg] = []
         for c in charges:
             args += (repr(c.amount), c.ttl)
-        return self._redis.submit_script(ADD, [KEY_PREFIX + c.key for c in charges], args)
+        return self._redis.submit_script(ADD, [KEY_PREFIX + c.key for c in charges], args, later=True)
 
     async def value(self, key: str) -> float:
         return float(await self._redis.execute("GET", KEY_PREFIX + key) or 0)

@@ -5,7 +5,9 @@ replies come back in order on the same connection: with many requests in flight,
 reservations, cache lookups and finish-time writes of all of them share round trips. hiredis
 packs commands and parses replies in C. A write nobody waits for (a cache store, a limit
 reconciliation) is submitted without a task: its future carries the outcome (an error nobody
-looks at is not logged). Commands submitted while the connection is being opened wait for it,
+looks at is not logged). Such a write may also be held back a moment (`later=True`) to go out
+with the next command someone awaits: at low load, one request's finish-time writes then share
+the next request's round trip instead of costing Redis and the event loop a wake-up each. Commands submitted while the connection is being opened wait for it,
 in order, and go out before anything submitted once it is up.
 
 Errors are RedisError: an error reply, a lost connection, or replies late by more than the
@@ -29,6 +31,7 @@ import hiredis
 
 Arg = bytes | str | int | float
 RETRY_CONNECT_AFTER = 1.0  # seconds of failing fast after a connect failed
+HOLD_WRITES = 0.002  # seconds a write nobody waits for may wait for company
 
 
 class RedisError(Exception):
@@ -58,6 +61,7 @@ class _Connection(asyncio.Protocol):
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float, Rerun]] = collections.deque()
         self.outgoing: list[bytes] = []
         self.flush_scheduled = False
+        self.flush_timer: asyncio.TimerHandle | None = None  # a write held back (send(later=True)) goes out by then
         self.watchdog: asyncio.TimerHandle | None = None
         self.scripts: set[str] = set()  # SHA1s loaded on this connection
         self.lost: str | None = None
@@ -99,15 +103,21 @@ class _Connection(asyncio.Protocol):
         self.fail(f"Redis closed the connection ({type(exc).__name__})" if exc else "Redis closed the connection")
 
     def send(self, command: bytes, waiter: asyncio.Future[Any] | None = None,
-             rerun: Rerun = None) -> asyncio.Future[Any]:
-        """Queue `command` for this loop turn's write; `waiter` (or a new future) gets its reply."""
+             rerun: Rerun = None, later: bool = False) -> asyncio.Future[Any]:
+        """Queue `command` for this loop turn's write; `waiter` (or a new future) gets its reply.
+        `later`: a write nobody waits for, held back until the next command that is waited on (or
+        HOLD_WRITES seconds): at low load it shares that command's write, and its reply that
+        command's read, instead of waking the loop on its own."""
         if waiter is None:
             waiter = self.loop.create_future()
         if self.lost is not None:
             return _fail(waiter, self.lost)
         self.outgoing.append(command)
         self.waiting.append((waiter, time.monotonic(), rerun))
-        if not self.flush_scheduled:
+        if later:
+            if self.flush_timer is None and not self.flush_scheduled:
+                self.flush_timer = self.loop.call_later(HOLD_WRITES, self.flush)
+        elif not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
         if self.watchdog is None:
@@ -116,6 +126,9 @@ class _Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         self.flush_scheduled = False
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self.flush_timer = None
         if self.outgoing and self.transport is not None and self.lost is None:
             data = self.outgoing[0] if len(self.outgoing) == 1 else b"".join(self.outgoing)
             self.outgoing.clear()
@@ -182,17 +195,20 @@ class RedisClient:
     async def run_script(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
         return await self.submit_script(script, keys, args)
 
-    def submit(self, *args: Arg) -> asyncio.Future[Any]:
-        """Send one command with this loop turn's others; the future gets its reply (or RedisError)."""
-        return self._submit(args, None)
+    def submit(self, *args: Arg, later: bool = False) -> asyncio.Future[Any]:
+        """Send one command with this loop turn's others; the future gets its reply (or RedisError).
+        `later`: a write nobody waits for, sent with the next command that is waited on (see
+        _Connection.send)."""
+        return self._submit(args, None, later)
 
-    def _submit(self, args: tuple[Arg, ...], rerun: Rerun) -> asyncio.Future[Any]:
+    def _submit(self, args: tuple[Arg, ...], rerun: Rerun, later: bool = False) -> asyncio.Future[Any]:
         connection = self._connection
         if connection is not None and connection.lost is None and connection.loop is asyncio.get_running_loop():
-            return connection.send(hiredis.pack_command(args), None, rerun)
+            return connection.send(hiredis.pack_command(args), None, rerun, later)
         return self._send_connected(hiredis.pack_command(args), rerun)
 
-    def submit_script(self, script: Script, keys: list[str], args: list[Arg]) -> asyncio.Future[Any]:
+    def submit_script(self, script: Script, keys: list[str], args: list[Arg], *,
+                      later: bool = False) -> asyncio.Future[Any]:
         """EVALSHA `script`, loading it first (in the same write) on a connection that lacks it.
         Should the server have dropped its scripts meanwhile (SCRIPT FLUSH), it runs once more."""
         connection = self._connection
@@ -200,9 +216,9 @@ class RedisClient:
             connection = self._connect()  # the one its commands will go out on (None: failing fast)
         if connection is not None and script.sha not in connection.scripts:
             connection.scripts.add(script.sha)
-            self.submit("SCRIPT", "LOAD", script.source).add_done_callback(_consume)
+            self.submit("SCRIPT", "LOAD", script.source, later=later).add_done_callback(_consume)
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        return self._submit(command, (script, command))  # one future: a NOSCRIPT rerun answers it too
+        return self._submit(command, (script, command), later)  # one future: a NOSCRIPT rerun answers it too
 
     def _send_connected(self, command: bytes, rerun: Rerun = None) -> asyncio.Future[Any]:
         """No usable connection: the command waits in the backlog of the one being opened, which sends
