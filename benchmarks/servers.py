@@ -178,6 +178,8 @@ def start_floor(mock_port: int, tmp: Path) -> tuple[Proc, str]:
     cmd = [str(granian), "--interface", "asgi", "--loop", "uvloop", "--runtime-mode", "st", "--workers", "1",
            "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--no-access-log", "--working-dir", str(HERE), "floor_app:app"]
+    if shutil.which("chrt"):  # the scheduling policy the gateway's workers use (server.scheduling: batch)
+        cmd = ["chrt", "--batch", "0", *cmd]
     env = {"BENCH_FLOOR_UPSTREAM": f"http://127.0.0.1:{mock_port}/v1/chat/completions"}
     return serve("floor", cmd, port, tmp, env)
 

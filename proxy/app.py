@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy import dashboard, reload
+from proxy import dashboard, reload, scheduling
 from proxy.endpoints import anthropic, chat, embeddings, gemini, health, models, responses, vertex
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics, mark_worker_dead
@@ -138,4 +138,5 @@ def create_app() -> App:
     started = time.monotonic()
     logging.basicConfig(level=os.environ.get("LLMRELAY_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     loaded = reload.worker_config()
+    scheduling.apply(loaded.settings.server.scheduling)  # before granian starts this worker's threads
     return build_app(loaded.settings, loaded=loaded, started=started)
