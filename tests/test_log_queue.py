@@ -307,6 +307,37 @@ def test_stop_drains_without_waiting_for_the_flush_interval(tmp_path: Path) -> N
     assert spilled(m) == 1 and len(spool_files(spool)) == 1
 
 
+def test_an_idle_writer_sleeps_until_the_first_record_then_flushes_it_within_the_interval(tmp_path: Path) -> None:
+    """No records, no wake-ups (an idle gateway used to wake its writer every flush_interval); the
+    first record wakes it, and it is written one flush interval later, with those that followed."""
+    db, spool = tmp_path / "logs.sqlite", tmp_path / "spool"
+    m = Metrics()
+
+    async def main() -> None:
+        q = LogQueue([SQLiteSink(db)], spool, m, batch_size=1000, flush_interval=0.05, replay_interval=30)
+        await q.start()
+        looks = 0
+        drain = q._drain_nowait
+
+        def counted(limit: int | None = None) -> list[LogRecord]:
+            nonlocal looks
+            looks += 1
+            return drain(limit)
+
+        q._drain_nowait = counted  # type: ignore[method-assign]
+        await asyncio.sleep(0.5)  # ten flush intervals with nothing to write
+        assert looks <= 1, f"the idle writer woke {looks} times"
+        started = time.monotonic()
+        q.put(rec(1))
+        q.put(rec(2))
+        await until(lambda: written(m, "sqlite") == 2, timeout=5)
+        assert time.monotonic() - started >= 0.045  # it waited the flush interval for company
+        await q.stop()
+
+    asyncio.run(main())
+    assert row_ids(db) == ["req-1", "req-2"]
+
+
 def test_stop_deadline_spools_what_could_not_be_written(tmp_path: Path) -> None:
     db, spool = tmp_path / "logs.sqlite", tmp_path / "spool"
     m = Metrics()

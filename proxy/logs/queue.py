@@ -69,6 +69,7 @@ class LogQueue:
         self._stopped = False
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()  # a full batch is waiting, or stop() wants the writer
+        self._idle = False  # the writer sleeps until a record comes: put() wakes it with the first
         # put_and_wait: records queued so far, records the writer has handled (written or
         # spooled), and who waits for which count; the queue is FIFO, so counts order them.
         self._queued = 0
@@ -86,7 +87,7 @@ class LogQueue:
         if not self._closing and len(queue) < self._maxsize:
             queue.append(record)
             self._queued += 1
-            if len(queue) >= self._batch_size:
+            if len(queue) >= self._batch_size or self._idle:
                 self._ready.set()
             return True
         # A local append to the page cache (no fsync): the queue is full or we are stopping.
@@ -215,15 +216,31 @@ class LogQueue:
                 await asyncio.sleep(self._flush_interval)
 
     async def _next_batch(self, wait_until: float) -> list[LogRecord]:
-        """Up to batch_size records, once a full batch waits or flush_interval has passed
-        (never later than `wait_until`). The writer wakes per batch, not per record."""
-        if len(self._queue) < self._batch_size and not self._closing and not self._waiters:
-            self._ready.clear()
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(min(loop.time() + self._flush_interval, wait_until)):
-                    await self._ready.wait()
+        """Up to batch_size records, once a full batch waits or flush_interval has passed since
+        the writer saw the first of them (never later than `wait_until`). The writer wakes per
+        batch, not per record, and an idle gateway's writer not at all until `wait_until` (it
+        used to wake every flush_interval to find nothing)."""
+        if self._unhurried():
+            if not self._queue:
+                await self._wait_ready(wait_until, idle=True)
+            if self._unhurried():
+                await self._wait_ready(min(asyncio.get_running_loop().time() + self._flush_interval, wait_until))
         return self._drain_nowait(self._batch_size)
+
+    def _unhurried(self) -> bool:
+        """Nothing asks for a write now: no full batch, no stop, no put_and_wait."""
+        return len(self._queue) < self._batch_size and not self._closing and not self._waiters
+
+    async def _wait_ready(self, until: float, *, idle: bool = False) -> None:
+        """Until `until`, or until _ready is set (`idle`: by the first record put, too)."""
+        self._ready.clear()
+        self._idle = idle
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(until):
+                    await self._ready.wait()
+        finally:
+            self._idle = False
 
     def _drain_nowait(self, limit: int | None = None) -> list[LogRecord]:
         q = self._queue
