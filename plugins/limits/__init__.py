@@ -81,17 +81,18 @@ def _retrieve(gate: asyncio.Future[Any]) -> None:
 
 
 class Applied:
-    """One policy as it applies to one request: its counter and what was reserved."""
+    """One policy as it applies to one request: its counter, in the window the request arrived
+    in, and what was reserved."""
 
-    __slots__ = ("policy", "scope_value", "charge", "window_start", "window_end", "value")
+    __slots__ = ("rule", "policy", "scope_value", "charge", "window_start", "window_end", "value")
 
-    def __init__(self, policy: Policy, scope_value: str, charge: Charge, window_start: int,
-                 window_end: float | None) -> None:
-        self.policy = policy
-        self.scope_value = scope_value
+    def __init__(self, rule: Rule, charge: Charge) -> None:
+        self.rule = rule
+        self.policy = rule.policy
+        self.scope_value = rule.scope_value
         self.charge = charge
-        self.window_start = window_start
-        self.window_end = window_end
+        self.window_start = rule.window_start
+        self.window_end = rule.window_end
         self.value = 0.0  # the counter after the reservation
 
 
@@ -99,11 +100,16 @@ class Rule:
     """One policy as it applies to one scope value, with its counter in the current window (worked
     out again when a request arrives after that window's end)."""
 
-    __slots__ = ("policy", "scope_value", "window_start", "window_end", "until", "key")
+    __slots__ = ("policy", "scope_value", "window_start", "window_end", "until", "key", "limit_text", "policy_text",
+                 "threshold")
 
     def __init__(self, policy: Policy, scope_value: str) -> None:
         self.policy = policy
         self.scope_value = scope_value
+        # what every request's log and headers say of this policy
+        self.threshold = policy.block_threshold if policy.block_threshold is not None else policy.warn_threshold
+        self.limit_text = _number(policy.block_threshold or 0.0)
+        self.policy_text = f"{policy.name};metric={policy.metric};window={policy.window}"
         self.window_start = 0
         self.window_end: float | None = None
         self.until = -1.0  # the current window is [window_start, until); none yet
@@ -311,8 +317,7 @@ class LimitsStage:
                 rule.roll(now)
             end = rule.window_end
             ttl = int(end - now) + WINDOW_MARGIN if end is not None else 0
-            applied.append(Applied(policy, rule.scope_value, Charge(rule.key, amount, policy.block_threshold, ttl),
-                                   rule.window_start, end))
+            applied.append(Applied(rule, Charge(rule.key, amount, policy.block_threshold, ttl)))
         return applied
 
     def input_price(self, call: Call) -> float:
@@ -511,12 +516,16 @@ class LimitsStage:
 def limit_info(applied: list[Applied], decision: Decision) -> dict[str, Any]:
     """What the log detail shows (spec 2.4): each policy's counter before and after this request."""
     limits = []
+    admitted = decision.admitted
     for a, value in zip(applied, decision.values, strict=True):
-        before, after = (value - a.charge.amount, value) if decision.admitted else (value, value + a.charge.amount)
-        threshold = a.policy.block_threshold if a.policy.block_threshold is not None else a.policy.warn_threshold
-        limits.append({"name": a.policy.name, "current_value": round(before, 10), "new_value": round(after, 10),
+        amount = a.charge.amount
+        before, after = (value - amount, value) if admitted else (value, value + amount)
+        if a.policy.metric == "cost":  # sums of prices: no float noise (0.30000000000000004) in the log
+            before, after = round(before, 10), round(after, 10)
+        threshold = a.rule.threshold
+        limits.append({"name": a.policy.name, "current_value": before, "new_value": after,
                        "limit_value": threshold, "is_within_limit": threshold is None or after <= threshold})
-    return {"is_allowed": decision.admitted, "limits": limits}
+    return {"is_allowed": admitted, "limits": limits}
 
 
 def rate_limit_headers(applied: list[Applied], now: float, values: list[float] | None = None) -> dict[str, str]:
@@ -537,12 +546,12 @@ def rate_limit_headers(applied: list[Applied], now: float, values: list[float] |
 
 def _headers(a: Applied, value: float, now: float) -> dict[str, str]:
     """x-ratelimit-* for policy `a` (one with a block threshold) at counter value `value`."""
-    policy = a.policy
-    limit = policy.block_threshold or 0.0
+    rule = a.rule
+    limit = a.policy.block_threshold or 0.0
     headers = {
-        "x-ratelimit-limit": _number(limit),
+        "x-ratelimit-limit": rule.limit_text,
         "x-ratelimit-remaining": _number(max(limit - value, 0.0)),
-        "x-ratelimit-policy": f"{policy.name};metric={policy.metric};window={policy.window}",
+        "x-ratelimit-policy": rule.policy_text,
     }
     reset = seconds_left(a.window_end, now)
     if reset is not None:
