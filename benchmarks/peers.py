@@ -237,7 +237,8 @@ def start(name: str, mock_port: int, workdir: Path, core: int, server: str | Non
     cmd, env = command(name, port, workdir, server)
     unset = [arg for var in UNSET_ENV for arg in ("-u", var)]
     # `env -u` execs the peer, so the pid taskset starts is the peer's own process.
-    proc = run.start(name, ["env", *unset, *cmd], workdir, core, env)
+    # under SCHED_BATCH like the gateway's workers and the floor (servers.batch_scheduled)
+    proc = run.start(name, run.batch_scheduled(["env", *unset, *cmd]), workdir, core, env)
     try:
         run.wait_http(proc, health, START_TIMEOUT)
     except BaseException:

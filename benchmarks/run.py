@@ -44,6 +44,7 @@ from servers import (  # re-exported: peers.py and profile.py use them as run.<n
     REPO,
     BenchError,
     Proc,
+    batch_scheduled,
     cache_lookups,
     count_log_rows,
     flush_redis,
@@ -57,8 +58,8 @@ from servers import (  # re-exported: peers.py and profile.py use them as run.<n
     wait_http,
 )
 
-__all__ = ["GATEWAY_CORE", "MOCK_CORE", "PIPELINES", "BenchError", "Proc", "free_port", "start", "start_gateway",
-           "wait_http"]
+__all__ = ["GATEWAY_CORE", "MOCK_CORE", "PIPELINES", "BenchError", "Proc", "batch_scheduled", "free_port", "start",
+           "start_gateway", "wait_http"]
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

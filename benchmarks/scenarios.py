@@ -79,7 +79,7 @@ def gateway_config(mock_port: int, key_hash: str, tmp: Path, pipeline: str = "fu
             f"cooldowns: {{backend: redis, url: '{REDIS_URL}'}}}}\n"
         )
     return f"""\
-server: {{host: 127.0.0.1, port: 0, workers: {workers}}}
+server: {{host: 127.0.0.1, port: 0, workers: {workers}, scheduling: batch}}
 providers:
   - {{id: mock, protocol: openai, base_url: 'http://127.0.0.1:{mock_port}/v1', api_key: sk-mock-upstream}}
   - {{id: anth, protocol: anthropic, base_url: 'http://127.0.0.1:{mock_port}', api_key: sk-ant-mock}}

@@ -178,10 +178,14 @@ def start_floor(mock_port: int, tmp: Path) -> tuple[Proc, str]:
     cmd = [str(granian), "--interface", "asgi", "--loop", "uvloop", "--runtime-mode", "st", "--workers", "1",
            "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--no-access-log", "--working-dir", str(HERE), "floor_app:app"]
-    if shutil.which("chrt"):  # the scheduling policy the gateway's workers use (server.scheduling: batch)
-        cmd = ["chrt", "--batch", "0", *cmd]
     env = {"BENCH_FLOOR_UPSTREAM": f"http://127.0.0.1:{mock_port}/v1/chat/completions"}
-    return serve("floor", cmd, port, tmp, env)
+    return serve("floor", batch_scheduled(cmd), port, tmp, env)
+
+
+def batch_scheduled(cmd: list[str]) -> list[str]:
+    """``cmd`` under SCHED_BATCH, the policy the gateway's workers use here (``server.scheduling: batch``:
+    each server measured has core 0 to itself), so the floor and the peers are measured the same way."""
+    return ["chrt", "--batch", "0", *cmd] if shutil.which("chrt") else cmd
 
 
 def serve(

@@ -1,4 +1,5 @@
-"""How a worker's threads share their core: Linux's SCHED_BATCH, unless `server.scheduling: normal`.
+"""How a worker's threads share their core: Linux's default policy, or SCHED_BATCH with
+`server.scheduling: batch` (for workers on cores of their own).
 
 A worker is one process with several threads on one core: the event loop (Python), granian's
 I/O runtime (Rust) and the log sink's writer. Each request hands work between them a few times:
@@ -7,12 +8,16 @@ batch of rows. Under Linux's default policy every such wake-up preempts the thre
 running, so at concurrency 64 each request cost about five context switches, and each switch
 cost the loop its caches. Under SCHED_BATCH a thread that wakes does not preempt: it runs when
 the running one waits (or its time slice ends), and takes everything that piled up meanwhile in
-one go. Measured on the `full` pipeline at c=64 (benchmarks/README.md): 4.9 -> 0.4 context
-switches and about 15 % less CPU per request, with lower p99 latency.
+one go. Measured on the `full` pipeline at c=64, the worker alone on its core
+(benchmarks/README.md): 4.9 -> 0.4 context switches and 10-20 % less CPU per request, with lower
+p99 latency.
 
-What it costs: a batch thread does not preempt *other* processes either. When a worker shares
-its core with something busy, a request that arrives meanwhile waits for that process's time
-slice to end (about a millisecond). On cores shared with latency-critical work, set `normal`.
+Why it is not the default: a batch thread does not preempt *other* processes either. On a core
+shared with a busy process, every wake-up of the worker (the request arriving, Redis answering,
+the provider answering) waits for that process's time slice to end: with a busy loop on the
+worker's core, p50 at c=1 went from 0.8 to 11.9 ms. Only where each worker has a core to itself
+(pinned, nothing else scheduled there: Kubernetes' static CPU manager, a dedicated host) is
+`batch` the better choice.
 
 The policy is set in the worker's main thread before granian starts its threads there, so they
 inherit it; the sink and store threads the loop starts later inherit it too. Real-time and idle

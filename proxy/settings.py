@@ -56,9 +56,9 @@ class Server(Struct):
     tls_key: str | None = None  # PEM private key file
     # auto: HTTP/1.1 and HTTP/2 (negotiated by ALPN over TLS; cleartext h2c with prior knowledge); 1: HTTP/1.1 only
     http: Literal["auto", "1"] = "auto"
-    # batch: a worker's threads do not preempt each other (nor other processes) on wake-up; normal:
-    # Linux's default. See proxy/scheduling.py.
-    scheduling: Literal["batch", "normal"] = "batch"
+    # normal: Linux's default; batch: a worker's threads do not preempt each other (nor other
+    # processes) on wake-up, for workers on cores of their own. See proxy/scheduling.py.
+    scheduling: Literal["batch", "normal"] = "normal"
 
 
 class Deployment(Struct):

@@ -1,5 +1,5 @@
-"""server.scheduling: a served worker's threads (granian's included) run under SCHED_BATCH by
-default and under Linux's normal policy with `normal`; policies set from outside are kept."""
+"""server.scheduling: a served worker's threads (granian's included) run under Linux's normal
+policy by default and under SCHED_BATCH with `batch`; policies set from outside are kept."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def worker_pid(gateway: GatewayProcess) -> int:
     return int(children[0])
 
 
-@pytest.mark.parametrize(("scheduling", "policy"), [(None, os.SCHED_BATCH), ("normal", os.SCHED_OTHER)])
+@pytest.mark.parametrize(("scheduling", "policy"), [(None, os.SCHED_OTHER), ("batch", os.SCHED_BATCH)])
 def test_every_thread_of_a_served_worker_runs_under_the_configured_policy(
         mock_upstream: MockUpstream, tmp_path: Path, scheduling: str | None, policy: int) -> None:
     config = base_config(mock_upstream, tmp_path)
