@@ -11,11 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy import scheduling
 from proxy.settings import ConfigError, parse_settings
 from tests.conftest import KEY, GatewayProcess, base_config
 from tests.mock_upstream import MockUpstream
-
-pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="scheduling policies are Linux's")
 
 
 def thread_policies(pid: int) -> dict[int, int]:
@@ -71,6 +70,14 @@ def test_apply_switches_between_batch_and_normal_and_leaves_other_policies_alone
     assert run_apply(batch, "normal") == os.SCHED_OTHER
     idle = "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))"  # e.g. `chrt --idle 0 llmrelay serve`
     assert run_apply(idle, "batch") == os.SCHED_IDLE
+
+
+def test_apply_without_scheduling_policies_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the OS has no scheduling policies (macOS), either setting is accepted and nothing happens."""
+    before = os.sched_getscheduler(0)
+    monkeypatch.delattr(os, "sched_setscheduler")
+    scheduling.apply("batch")
+    assert os.sched_getscheduler(0) == before
 
 
 def test_unknown_scheduling_is_a_config_error_naming_the_field() -> None:
