@@ -79,6 +79,19 @@ class GatewayProcess:
         return self.workdir / "logs.db"
 
     def start(self) -> GatewayProcess:
+        """Start and wait for the health check. A port picked by free_port() can be taken by another
+        test process's server before ours binds it (granian binds with SO_REUSEPORT, so both then
+        listen and the kernel splits the connections): if a listener on the port is not ours, start
+        again on another port."""
+        for _ in range(3):
+            self._start_once()
+            if _listeners(self.port) <= _socket_inodes(self.proc.pid):  # type: ignore[union-attr]
+                return self
+            self.stop()
+            self.port = free_port()
+        raise RuntimeError(f"three ports in a row were also bound by another process:\n{self.output.read_text()}")
+
+    def _start_once(self) -> None:
         with self.output.open("wb") as out:
             config = ["--config", str(self.config_path)] if self.has_config else []
             self.proc = subprocess.Popen(
@@ -92,7 +105,7 @@ class GatewayProcess:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.output.read_text()}")
             try:
                 if httpx.get(f"{self.url}/api/health-check/", timeout=0.5, verify=False).status_code == 200:
-                    return self
+                    return
             except httpx.HTTPError:
                 time.sleep(0.05)
         self.stop()  # never left running after a failed start: nobody else would stop it
@@ -129,6 +142,36 @@ class GatewayProcess:
         rows = self.records(timeout, 1, "unique_id = ?", (log_id,))
         assert rows, f"no log record {log_id} in {self.log_db}"
         return rows[0]
+
+
+def _listeners(port: int) -> set[int]:
+    """Socket inodes listening on TCP `port` (any address, IPv4 and IPv6), from /proc/net."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(int(fields[9]))
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets open in process `pid` and its descendants."""
+    inodes: set[int] = set()
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{current}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{current}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(int(target[8:-1]))
+            for tid in os.listdir(f"/proc/{current}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{current}/task/{tid}/children") as f:
+                    pids += [int(child) for child in f.read().split()]
+    return inodes
 
 
 ADMIN_KEYS = [{"name": "ops", "key_hash": hash_key(ADMIN_KEY)}]
